@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Benchmark: publishing, draining, fair dispatch and memory, side by side on one broker.
+
+    ./run.sh bench            # full sizes, a few minutes
+    ./run.sh bench --quick    # small sizes, to check that it runs
+
+Every figure is a whole process, start-up included, on persistent messages and
+a quorum queue, on a throwaway broker node (or --url). Prints one Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pika
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import local_broker  # noqa: E402
+
+BENCH = ROOT / "bench"
+PY = sys.executable
+UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1"}  # every line as it is printed, for every worker
+
+
+# Runs a command and reports its time and peak RSS. A small process of its own, because Linux
+# carries a parent's peak RSS over fork and exec into the child's figure.
+MEASURE = """
+import resource, subprocess, sys, time
+started = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
+print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)
+"""
+
+
+def timed(cmd: list[str], stdin_path: str | None = None) -> tuple[float, float]:
+    """Run a process to the end: (seconds, its peak RSS in MB)."""
+    with open(stdin_path or os.devnull, "rb") as stdin:
+        out = subprocess.run([PY, "-c", MEASURE, *cmd], stdin=stdin, capture_output=True, text=True, check=True)
+    seconds, peak_kb, code = out.stdout.split()
+    if code != "0":
+        raise RuntimeError(f"{' '.join(cmd[1:3])} failed: {out.stderr[-500:]}")
+    return float(seconds), int(peak_kb) / 1024
+
+
+def ours(script: str, url: str, queue: str, *args) -> list[str]:
+    """The command line of one of our scripts."""
+    return [PY, str(ROOT / script), "--url", url, "--queue", queue, *map(str, args)]
+
+
+def fill(url: str, queue: str, lines: Path | str) -> None:
+    subprocess.run(ours("new_task.py", url, queue, "--file", lines), check=True, capture_output=True)
+
+
+def delete(url: str, queue: str) -> None:
+    """Remove a queue and the dead-letter queue that our workers declare beside it."""
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        channel.queue_delete(queue)
+        channel.queue_delete(queue + ".dlq")
+
+
+def write_lines(path: Path, count: int) -> str:
+    with path.open("w") as file:
+        file.writelines(f"task {i}\n" for i in range(count))
+    return str(path)
+
+
+# --- 1. Publishing ------------------------------------------------------------------
+
+
+def publish_rows(url: str, count: int, per_process: int, tmp: Path) -> list[tuple[str, int, float, float]]:
+    """(strategy, messages, rate/s, peak MB) for each way of publishing messages to a fresh queue."""
+    q = "bench_publish"
+    rows = []
+    started = time.perf_counter()
+    for i in range(per_process):
+        subprocess.run([PY, BENCH / "tutorial_new_task.py", url, q, f"task {i}"], check=True, capture_output=True)
+    rate = per_process / (time.perf_counter() - started)
+    rows.append(("tutorial new_task.py, one process per message", per_process, rate, 0.0))
+    delete(url, q)
+
+    confirmed_one_by_one = min(count, 5000)  # ~1k/s: a smaller run says the same
+    short, full = write_lines(tmp / "short.txt", confirmed_one_by_one), write_lines(tmp / "full.txt", count)
+    for name, n, cmd in [
+        ("pika loop, confirm_delivery() (a round trip each)", confirmed_one_by_one,
+         [PY, str(BENCH / "pika_loop.py"), url, q, short, "--confirm"]),
+        ("pika loop, no confirms (unsafe)", count, [PY, str(BENCH / "pika_loop.py"), url, q, full]),
+        ("ours: new_task.py --file (confirms, 1000 in flight)", count, ours("new_task.py", url, q, "--file", full)),
+    ]:  # fmt: skip
+        seconds, peak = timed(cmd)
+        rows.append((name, n, n / seconds, peak))
+        delete(url, q)
+    return rows
+
+
+# --- 2. Draining ------------------------------------------------------------------
+
+
+def drain_rate(url: str, cmd: list[str], q: str, count: int, tmp: Path) -> float:
+    """Tasks per second for a worker to take `count` empty tasks off a full queue (start-up included)."""
+    fill(url, q, write_lines(tmp / "drain.txt", count))
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=UNBUFFERED)
+    done = 0
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        if b"Done" in line:
+            done += 1
+            if done == count:
+                break
+        if time.monotonic() > deadline:
+            break
+    seconds = time.perf_counter() - started
+    proc.kill()
+    proc.wait(timeout=10)
+    delete(url, q)
+    if done < count:
+        raise RuntimeError(f"drain: only {done} of {count} done")
+    return count / seconds
+
+
+# --- 3. Fair dispatch -----------------------------------------------------------------
+
+
+def mixed_tasks(count: int) -> list[int]:
+    """Dots per task: every third task heavy (8 dots), the rest light (1 dot)."""
+    return [8 if i % 3 == 0 else 1 for i in range(count)]
+
+
+def ideal_makespan(dots: list[int], workers: int, dot_seconds: float) -> float:
+    """Greedy schedule: each task, in queue order, to the first free worker."""
+    free_at = [0.0] * workers
+    for d in dots:
+        heapq.heappush(free_at, heapq.heappop(free_at) + d * dot_seconds)
+    return max(free_at)
+
+
+def measured_makespan(url: str, prefetch: int, dots: list[int], dot_seconds: float, tmp: Path) -> float:
+    """3 workers of ours: seconds from publishing the tasks to the last Done."""
+    q = f"bench_fair_{prefetch}"
+    done_times: list[float] = []
+    ready = threading.Barrier(4)
+    procs = []
+
+    def read(proc):
+        for line in proc.stdout:
+            if b"Waiting for messages" in line:
+                ready.wait(timeout=60)
+            elif b"Done" in line:
+                done_times.append(time.perf_counter())
+
+    for n in range(3):
+        cmd = ours("worker.py", url, q, "--name", f"w{n}", "--prefetch", prefetch, "--dot-seconds", dot_seconds)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=UNBUFFERED)
+        procs.append(proc)
+        threading.Thread(target=read, args=(proc,), daemon=True).start()
+    ready.wait(timeout=60)
+    lines = tmp / "fair.txt"
+    lines.write_text("".join(f"task{i}{'.' * d}\n" for i, d in enumerate(dots)))
+    started = time.perf_counter()
+    fill(url, q, lines)
+    deadline = time.monotonic() + 300
+    while len(done_times) < len(dots) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=10)
+    delete(url, q)
+    return max(done_times) - started
+
+
+# --- 4. Memory --------------------------------------------------------------------------
+
+
+def publish_memory(url: str, count: int, tmp: Path) -> tuple[float, float]:
+    """(peak RSS MB, rate/s) of new_task.py --file - with `count` lines on standard input."""
+    q = "bench_memory"
+    lines = write_lines(tmp / f"memory_{count}.txt", count)
+    seconds, peak = timed(ours("new_task.py", url, q, "--file", "-"), stdin_path=lines)
+    delete(url, q)
+    return peak, count / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks that the benchmark runs")
+    parser.add_argument("--url", help="use this broker instead of a throwaway node (queues bench_*)")
+    args = parser.parse_args()
+    publish_n, per_process, drain_n, repeats, fair_n, dot = (
+        (2000, 5, 500, 1, 9, 0.02) if args.quick else (100_000, 40, 5_000, 3, 30, 0.1)
+    )
+    memory_sizes = (10_000, 100_000) if args.quick else (100_000, 1_000_000)
+
+    node = None
+    if args.url:
+        url = args.url
+    else:
+        print("Starting a throwaway RabbitMQ node...", file=sys.stderr)
+        node = local_broker.BrokerNode(name="bench").start()
+        url = node.url
+    out = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            print("Publishing...", file=sys.stderr)
+            publish = publish_rows(url, publish_n, per_process, tmp)
+            print("Draining...", file=sys.stderr)
+            q = "bench_drain"
+            tutorial = [PY, str(BENCH / "tutorial_worker.py"), url, q]
+            workers = {"tutorial worker.py (prefetch 1)": tutorial}
+            for prefetch in (1, 10, 100):
+                cmd = ours("worker.py", url, q, "--dot-seconds", 0, "--prefetch", prefetch)
+                workers[f"ours: worker.py --prefetch {prefetch}"] = cmd
+            best: dict[str, float] = {}
+            for _ in range(repeats):  # alternate, and keep each one's best run: loopback figures are noisy
+                for name, cmd in workers.items():
+                    best[name] = max(best.get(name, 0.0), drain_rate(url, cmd, q, drain_n, tmp))
+            drains = list(best.items())
+            print("Fair dispatch...", file=sys.stderr)
+            dots = mixed_tasks(fair_n)
+            ideal = ideal_makespan(dots, 3, dot)
+            fair = measured_makespan(url, 1, dots, dot, tmp)
+            rr = measured_makespan(url, 0, dots, dot, tmp)
+            print("Memory...", file=sys.stderr)
+            memory = [(n, *publish_memory(url, n, tmp)) for n in memory_sizes]
+    finally:
+        if node:
+            node.destroy()
+
+    ours_publish = publish[-1][2]
+    tutorial_drain = drains[0][1]
+    out.append(
+        f"Machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, pika {pika.__version__}; persistent messages, quorum queue, loopback."
+    )
+    out.append("")
+    out.append("| what | size | rate | vs ours / vs tutorial | peak RSS |")
+    out.append("| --- | ---: | ---: | ---: | ---: |")
+    for name, n, rate, peak in publish:
+        mem = f"{peak:.0f} MB" if peak else ""
+        out.append(f"| publish: {name} | {n:,} | {rate:,.0f}/s | {rate / ours_publish:.2f}x ours | {mem} |")
+    for name, rate in drains:
+        out.append(f"| drain: {name} | {drain_n:,} | {rate:,.0f}/s | {rate / tutorial_drain:.2f}x tutorial | |")
+    for label, makespan in (("prefetch 1 (fair)", fair), ("prefetch 0 (round-robin)", rr)):
+        out.append(
+            f"| makespan, 3 workers, {fair_n} mixed tasks: {label} | {fair_n} | {makespan:.2f} s "
+            f"| {makespan / ideal:.2f}x ideal ({ideal:.2f} s) | |"
+        )
+    for n, peak, rate in memory:
+        out.append(f"| memory: new_task.py --file - | {n:,} | {rate:,.0f}/s | | {peak:.0f} MB |")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

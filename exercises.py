@@ -1,0 +1,511 @@
+#!/usr/bin/env python
+"""The tutorial's experiments, each run end to end with one command.
+
+Each experiment starts the real worker.py and new_task.py as processes,
+injects the faults itself (killing workers, restarting the broker, adding
+workers) and shows what happened: a timeline (one row per worker), the queue
+counts before and after, and a verdict in plain words.
+
+    python exercises.py --list
+    python exercises.py fair-dispatch
+    python exercises.py --all --dot-seconds 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pika
+
+import local_broker
+import workqueue
+
+HERE = Path(__file__).resolve().parent
+
+
+# --- Running the scripts --------------------------------------------------------------
+
+
+class Worker:
+    """A worker.py process; each line it prints is kept with the time it arrived."""
+
+    def __init__(self, lab: Lab, name: str, *args: str):
+        self.lab = lab
+        self.name = name
+        self.events: list[tuple[float, str]] = []
+        self.killed_at: float | None = None
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "worker.py"), "--name", name, "--url", lab.url, "--queue", lab.queue,
+             "--dot-seconds", str(lab.dot_seconds), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.rstrip("\n")
+            with self.changed:
+                self.events.append((self.lab.now(), line))
+                self.changed.notify_all()
+            if self.lab.verbose:
+                print(f"{self.lab.now():6.1f}s  {line}", flush=True)
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while sum(1 for _, line in self.events if re.search(pattern, line)) < count:
+                if time.monotonic() > deadline or not self.reader.is_alive():
+                    raise RuntimeError(f"{self.name}: no {pattern!r} within {timeout:.0f}s")
+                self.changed.wait(0.1)
+
+    def kill(self) -> None:
+        """kill -9: no goodbye, no ack."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.killed_at = self.lab.now()
+
+    def stop(self) -> None:
+        """SIGTERM: a warm shutdown, the current task is finished first."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        self.reader.join(timeout=5)
+
+    def spans(self) -> list[tuple[float, float | None, str, bool]]:
+        """(start, end or None if never finished, task, redelivered) for each task it started.
+
+        The task thread prints Received as it starts a task, the connection's
+        thread prints Done after the ack, so lines of two tasks can interleave."""
+        spans, running = [], {}
+        for at, line in self.events:
+            if m := re.search(r"\[x\] Received '([^']*)'(.*)", line):
+                running[m[1]] = (at, "redelivered" in m[2])
+            elif (m := re.search(r"\[(?:x|!)\] (?:Done|Failed) '([^']*)'", line)) and m[1] in running:
+                start, again = running.pop(m[1])
+                spans.append((start, at, m[1], again))
+        spans += [(start, None, task, again) for task, (start, again) in running.items()]
+        return sorted(spans)
+
+    def done(self) -> list[str]:
+        return [m[1] for _, line in self.events if (m := re.search(r"\[x\] Done '([^']*)'", line))]
+
+
+@dataclass
+class Lab:
+    """One experiment's broker, queue and workers."""
+
+    url: str
+    queue: str
+    dot_seconds: float
+    node: local_broker.BrokerNode | None
+    verbose: bool = False
+    started: float = field(default_factory=time.monotonic)
+    workers: list[Worker] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
+    notes: list[tuple[float, str]] = field(default_factory=list)
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def note(self, text: str) -> None:
+        self.notes.append((self.now(), text))
+        if self.verbose:
+            print(f"{self.now():6.1f}s  -- {text}", flush=True)
+
+    def worker(self, name: str, *args: str, wait: bool = True) -> Worker:
+        worker = Worker(self, name, *args)
+        self.workers.append(worker)
+        if wait:
+            worker.wait_for("Waiting for messages")
+        return worker
+
+    def send(self, tasks: list[str], *args: str, queue: str | None = None) -> None:
+        """Publish with new_task.py --file -, as a user would."""
+        subprocess.run(
+            [sys.executable, str(HERE / "new_task.py"), "--url", self.url, "--queue", queue or self.queue,
+             "--file", "-", *args],
+            input="\n".join(tasks), text=True, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        if queue is None:
+            self.sent += tasks
+        self.note(f"sent {len(tasks)} tasks" + (f" to {queue}" if queue else ""))
+
+    def counts(self, queue: str | None = None) -> tuple[int, int] | None:
+        """(messages_ready, messages_unacknowledged) of a queue, None if it does not exist."""
+        queue = queue or self.queue
+        if self.node:
+            return self.node.queue_counts(queue)
+        with pika.BlockingConnection(workqueue.connection_parameters(self.url)) as connection:
+            try:  # without rabbitmqctl only the ready count is to be had
+                return connection.channel().queue_declare(queue, passive=True).method.message_count, -1
+            except pika.exceptions.ChannelClosedByBroker:
+                return None
+
+    def wait_until_done(self, tasks: list[str], timeout: float = 300) -> None:
+        """Until every task was done by some worker still alive or not."""
+        deadline = time.monotonic() + timeout
+        while not set(tasks) <= {t for w in self.workers for t in w.done()}:
+            if time.monotonic() > deadline:
+                raise RuntimeError("not every task was done in time")
+            time.sleep(0.05)
+
+    def wait_until_idle(self, timeout: float = 300) -> None:
+        """Until the living workers have nothing left to do and the queue is empty."""
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = any(w.proc.poll() is None and w.spans() and w.spans()[-1][1] is None for w in self.workers)
+            if not busy and (self.counts() or (0, 0))[0] == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers did not finish in time")
+            time.sleep(0.1)
+
+    def delete_queues(self, *queues: str) -> None:
+        with pika.BlockingConnection(workqueue.connection_parameters(self.url)) as connection:
+            channel = connection.channel()
+            for queue in queues or (self.queue, workqueue.dead_letter_queue(self.queue)):
+                channel.queue_delete(queue)
+
+
+# --- What happened -----------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    sent: int
+    done: int  # distinct tasks done
+    done_twice: int
+    redelivered: int
+    lost: int
+    dead_lettered: int = 0
+    still_queued: int = 0
+
+
+def outcome(lab: Lab, still_queued: int = 0, dead_lettered: int = 0) -> Outcome:
+    done = Counter(t for w in lab.workers for t in w.done())
+    redelivered = sum(1 for w in lab.workers for s in w.spans() if s[3])
+    distinct = len(set(lab.sent) & set(done))
+    return Outcome(
+        sent=len(lab.sent),
+        done=distinct,
+        done_twice=sum(1 for n in done.values() if n > 1),
+        redelivered=redelivered,
+        lost=len(lab.sent) - distinct - still_queued - dead_lettered,
+        dead_lettered=dead_lettered,
+        still_queued=still_queued,
+    )
+
+
+COLOURS = [31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96]
+
+
+def use_colour() -> bool:
+    return sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb" and "NO_COLOR" not in os.environ
+
+
+def timeline(lab: Lab, width: int = 64) -> str:
+    """A text Gantt chart: a row per worker, a letter per task (lower case: a redelivery),
+    '?' a task cut off by a kill, 'X' where a worker was killed."""
+    tasks = list(dict.fromkeys(lab.sent))
+    letter = {t: chr(ord("A") + i % 26) for i, t in enumerate(tasks)}
+    end = max([lab.now()] + [w.killed_at or 0 for w in lab.workers]) or 1.0
+    colour = use_colour()
+    rows = []
+    for worker in lab.workers:
+        cells = [" "] * width
+        for start, stop, task, again in worker.spans():
+            first = int(start / end * (width - 1))
+            last = int((stop if stop is not None else worker.killed_at or end) / end * (width - 1))
+            mark = letter.get(task, "?")
+            mark = mark.lower() if again else mark
+            for col in range(first, max(last, first + 1)):
+                cell = mark if stop is not None else "?"
+                if colour:
+                    cell = f"\033[{COLOURS[tasks.index(task) % len(COLOURS)] if task in tasks else 0}m{cell}\033[0m"
+                cells[col] = cell
+        if worker.killed_at is not None:
+            cells[min(int(worker.killed_at / end * (width - 1)), width - 1)] = "X"
+        rows.append(f"  {worker.name:>3} |{''.join(cells)}|")
+    ticks = f"  {'':>3}  0s{'':{width - 10}}{end:6.1f}s"
+    legend = [f"{letter[t]}={t}" for t in tasks]
+    legend_lines = ["  " + "  ".join(legend[i : i + 4]) for i in range(0, len(legend), 4)]
+    return "\n".join([*rows, ticks, "", *legend_lines])
+
+
+def show_counts(lab: Lab, when: str, queues: list[str] | None = None) -> None:
+    print(f"\n  queues {when} (rabbitmqctl list_queues name messages_ready messages_unacknowledged):")
+    for queue in queues or [lab.queue]:
+        counts = lab.counts(queue)
+        shown = "(no such queue)" if counts is None else "\t".join(str(c) if c >= 0 else "?" for c in counts)
+        print(f"  {queue}\t{shown}")
+
+
+# --- The experiments -------------------------------------------------------------------
+
+
+def heavy_light(count: int) -> list[str]:
+    """Even tasks heavy (5 dots), odd tasks light (1 dot), as the tutorial suggests."""
+    return [f"task{i}{'.' * (5 if i % 2 == 0 else 1)}" for i in range(1, count + 1)]
+
+
+def dispatch(lab: Lab, prefetch: int) -> tuple[Outcome, str]:
+    workers = [lab.worker(f"w{n}", "--prefetch", str(prefetch)) for n in (1, 2)]
+    tasks = heavy_light(8)
+    lab.send(tasks)
+    lab.wait_until_done(tasks)
+    result = outcome(lab)
+    dots = {w.name: sum(t.count(".") for t in w.done()) for w in workers}
+    heavy = {w.name: sum(1 for t in w.done() if t.endswith(".....")) for w in workers}
+    makespan = max(s[1] for w in workers for s in w.spans() if s[1]) - min(s[0] for w in workers for s in w.spans())
+    loads = ", ".join(f"{name} did {heavy[name]} heavy tasks ({dots[name]} dots of work)" for name in dots)
+    if prefetch == 0:
+        why = "round-robin deals task 1, 3, 5, ... to one worker and 2, 4, 6, ... to the other, whatever their weight"
+    else:
+        why = "with prefetch 1 a worker gets a new task only when it acked the last, so the free worker takes it"
+    return result, f"{loads}; all done in {makespan:.1f}s. {why[0].upper() + why[1:]}."
+
+
+def round_robin(lab: Lab) -> tuple[Outcome, str]:
+    """prefetch 0, even tasks heavy, odd light: one worker gets every heavy task."""
+    return dispatch(lab, prefetch=0)
+
+
+def fair_dispatch(lab: Lab) -> tuple[Outcome, str]:
+    """The same tasks with prefetch 1: the heavy tasks spread over both workers."""
+    return dispatch(lab, prefetch=1)
+
+
+def kill_two_of_three(lab: Lab, *worker_args: str) -> Outcome:
+    workers = [lab.worker(f"w{n}", *worker_args) for n in (1, 2, 3)]
+    tasks = [f"task{i}{'.' * 3}" for i in range(1, 13)]
+    lab.send(tasks)
+    for victim in workers[:2]:
+        victim.wait_for(r"Received", count=2)
+    for victim in workers[:2]:
+        victim.kill()
+        lab.note(f"killed {victim.name} (kill -9)")
+    lab.wait_until_idle()
+    return outcome(lab, still_queued=(lab.counts() or (0, 0))[0])
+
+
+def auto_ack_loses(lab: Lab) -> tuple[Outcome, str]:
+    """--auto-ack, 3 workers, kill 2 of them mid-task: their tasks are gone."""
+    result = kill_two_of_three(lab, "--auto-ack")
+    return result, (
+        f"{result.lost} of {result.sent} tasks lost: with auto-ack the broker forgets a task the moment it "
+        "delivers it, and pushes all it can (prefetch does not apply), so the killed workers took their "
+        "tasks, and everything already pushed to them, with them."
+    )
+
+
+def manual_ack_redelivers(lab: Lab) -> tuple[Outcome, str]:
+    """Manual acks, 3 workers, kill 2 of them mid-task: their tasks go to the survivor."""
+    result = kill_two_of_three(lab)
+    return result, (
+        f"{result.lost} tasks lost, {result.redelivered} redelivered: a task is acked only when done, so the "
+        "broker gave the killed workers' unacked tasks to the worker still running (marked lower case)."
+    )
+
+
+def broker_restart(lab: Lab) -> tuple[Outcome, str]:
+    """Tasks waiting in a classic queue (transient messages) and a quorum queue (persistent) over a restart."""
+    if lab.node is None:
+        raise workqueue.UsageError("broker-restart restarts the broker: run it without --url (a throwaway node)")
+    classic = lab.queue + "_classic"
+    tasks = [f"task{i}." for i in range(1, 7)]
+    lab.send(tasks)
+    lab.send(tasks, "--queue-type", "classic", "--transient", queue=classic)
+    wait_for(lambda: lab.counts() == (6, 0) and lab.counts(classic) == (6, 0), "the counts to settle")
+    show_counts(lab, "before the restart", [lab.queue, classic])
+    lab.note("stopping the broker")
+    lab.node.restart()
+    lab.note("broker started again")
+    show_counts(lab, "after the restart", [lab.queue, classic])
+    classic_left = (lab.counts(classic) or (0, 0))[0]
+    worker = lab.worker("w1")
+    lab.wait_until_done(tasks)
+    worker.stop()
+    lab.delete_queues(classic)
+    result = outcome(lab)
+    return result, (
+        f"Quorum queue, persistent tasks: {result.done} of {len(tasks)} survived the restart and were done. "
+        f"Classic queue, transient tasks: {len(tasks) - classic_left} of {len(tasks)} lost: a durable queue "
+        "keeps only messages published persistent."
+    )
+
+
+def poison(lab: Lab) -> tuple[Outcome, str]:
+    """A task that always fails: retried, then moved to the dead-letter queue; the rest keep flowing."""
+    lab.worker("w1", "--max-retries", "2")
+    lab.worker("w2", "--max-retries", "2")
+    tasks = ["task1..", "an error.", "task3.", "task4..", "task5."]
+    lab.send(tasks)
+    lab.wait_until_done([t for t in tasks if "error" not in t])
+    dlq = workqueue.dead_letter_queue(lab.queue)
+    wait_for(lambda: (lab.counts(dlq) or (0, 0))[0] == 1, "the dead-letter queue")
+    failures = sum(1 for w in lab.workers for _, line in w.events if "Failed 'an error.'" in line)
+    show_counts(lab, "after", [lab.queue, dlq])
+    result = outcome(lab, dead_lettered=1)
+    return result, (
+        f"'an error.' failed {failures} times (the first try and 2 retries, each at the back of the queue) "
+        f"and was moved to {dlq}; the other {result.done} tasks were done meanwhile. Nothing lost."
+    )
+
+
+def scale_out(lab: Lab) -> tuple[Outcome, str]:
+    """One worker, then two more join while tasks run, then one leaves (SIGTERM: warm shutdown)."""
+    first = lab.worker("w1")
+    tasks = [f"task{i}.." for i in range(1, 16)]
+    lab.send(tasks)
+    first.wait_for(r"Done", count=2)
+    lab.note("adding w2 and w3")
+    lab.worker("w2", wait=False)
+    third = lab.worker("w3", wait=False)
+    third.wait_for(r"Done", count=2)
+    lab.note("stopping w3 (SIGTERM)")
+    third.stop()
+    lab.wait_until_done(tasks)
+    result = outcome(lab)
+    per_worker = ", ".join(f"{w.name} {len(w.done())}" for w in lab.workers)
+    return result, (
+        f"Tasks done per worker: {per_worker}. New workers took tasks as soon as they joined; w3 finished "
+        f"its task before it left. {result.lost} lost, {result.redelivered} redelivered."
+    )
+
+
+DEMO_TASKS = [
+    "Send welcome e-mail.", "Resize photo......", "Make thumbnail..", "Render report..........", "Ping.",
+    "Transcode video........", "Send invoice...", "Index document.", "Crop avatar....",
+    "Backup database............", "Notify user.", "Compress logs.....",
+]  # fmt: skip
+
+
+def demo(lab: Lab) -> tuple[Outcome, str]:
+    """3 workers, a dozen tasks of mixed weight: who did what, and when."""
+    for n in (1, 2, 3):
+        lab.worker(f"w{n}")
+    lab.send(DEMO_TASKS)
+    lab.wait_until_done(DEMO_TASKS)
+    result = outcome(lab)
+    return result, (
+        f"{result.done} tasks done by 3 workers. With prefetch 1 each worker takes a new task only when it "
+        "finished the last, so the heavy tasks did not pile up on one worker."
+    )
+
+
+EXPERIMENTS: dict[str, Callable[[Lab], tuple[Outcome, str]]] = {
+    "round-robin": round_robin,
+    "fair-dispatch": fair_dispatch,
+    "auto-ack-loses": auto_ack_loses,
+    "manual-ack-redelivers": manual_ack_redelivers,
+    "broker-restart": broker_restart,
+    "poison": poison,
+    "scale-out": scale_out,
+    "demo": demo,
+}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+# --- Command line -----------------------------------------------------------------------
+
+
+def make_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        epilog="examples:\n  python exercises.py --list\n  python exercises.py auto-ack-loses\n"
+        "  python exercises.py --all --dot-seconds 0.1",
+        formatter_class=workqueue.HelpFormatter,
+    )
+    parser.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the experiments, one line each")
+    parser.add_argument("--all", action="store_true", help="run every experiment but the demo")
+    parser.add_argument("--dot-seconds", type=float, default=0.2, metavar="S", help="seconds of work per dot")
+    parser.add_argument("--url", help="use this broker (a queue of its own, removed after) instead of a throwaway node")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="use the broker on $AMQP_URL or localhost if one answers, else a throwaway node",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no live output, only timeline and verdict")
+    parser.add_argument("--json", action="store_true", help="print each outcome as a JSON line too (for tests)")
+    return parser
+
+
+def local_url() -> str | None:
+    url = workqueue.broker_urls(None)[0]
+    parts = urlsplit(url)
+    return url if local_broker.amqp_answers(parts.hostname or "localhost", parts.port or 5672) else None
+
+
+def main() -> int:
+    args = make_argument_parser().parse_args()
+    if args.list:
+        for name, experiment in EXPERIMENTS.items():
+            print(f"  {name:<22} {experiment.__doc__.splitlines()[0]}")
+        return 0
+    names = [n for n in EXPERIMENTS if n != "demo"] if args.all else args.names
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if not names or unknown:
+        raise workqueue.UsageError(
+            f"unknown experiment {unknown[0]!r}; see --list" if unknown else "name an experiment, or --all; see --list"
+        )
+
+    url = args.url or (local_url() if args.local else None)
+    node = None
+    if url is None:
+        print("Starting a throwaway RabbitMQ node (about 10 s)...", flush=True)
+        node = local_broker.BrokerNode(name="exercise").start()
+        url = node.url
+    else:
+        print(f"Using the broker at {workqueue.redact(url)}")
+    try:
+        for name in names:
+            lab = Lab(url=url, queue=f"ex_{name.replace('-', '_')}_{os.getpid()}", dot_seconds=args.dot_seconds,
+                      node=node, verbose=not args.quiet)  # fmt: skip
+            print(f"\n=== {name}: {EXPERIMENTS[name].__doc__.splitlines()[0]}\n", flush=True)
+            try:
+                result, verdict = EXPERIMENTS[name](lab)
+                print("\n  timeline:\n" + timeline(lab))
+                if name not in ("broker-restart", "poison"):
+                    show_counts(lab, "after")
+                print(f"\n  verdict: {verdict}\n", flush=True)
+                if args.json:
+                    print(json.dumps({"experiment": name, **result.__dict__}), flush=True)
+            finally:
+                for worker in lab.workers:
+                    if worker.proc.poll() is None:
+                        worker.proc.kill()
+                        worker.proc.wait(timeout=10)
+                lab.delete_queues()
+    finally:
+        if node:
+            node.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    workqueue.run(main)

@@ -1,0 +1,306 @@
+"""Throwaway RabbitMQ nodes for the demo and the tests.
+
+A node of our own runs from the installed ``rabbitmq-server`` scripts, in a
+temporary directory, on free ports, with its own Erlang cookie: it can be
+stopped, restarted and killed without touching any other broker.
+
+    python local_broker.py               # start one node, print its URL, stop on Ctrl+C
+    python local_broker.py --cluster 3   # a 3-node cluster, its URLs comma-separated
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+class BrokerError(RuntimeError):
+    """A throwaway node could not be started or stopped."""
+
+
+def free_port() -> int:
+    """Ask the kernel for a port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rabbitmq_installed() -> bool:
+    return (RABBITMQ_BIN / "rabbitmq-server").exists()
+
+
+def amqp_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when something on host:port speaks AMQP 0-9-1 (answers our protocol header)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            return sock.recv(1) == b"\x01"  # the first byte of a Connection.Start frame
+    except OSError:
+        return False
+
+
+class BrokerNode:
+    """One RabbitMQ node in a directory of its own.
+
+    ``heartbeat`` is the interval the broker proposes (seconds); ``tls`` is an
+    optional (cacert, cert, key) triple that opens an amqps listener too.
+    """
+
+    def __init__(
+        self,
+        name: str = "workqueue",
+        heartbeat: int = 60,
+        tls: tuple[str, str, str] | None = None,
+        base_dir: str | None = None,
+    ):
+        self.base = Path(base_dir or tempfile.mkdtemp(prefix=f"rabbit-{name}-"))
+        self.nodename = f"{name}{os.getpid()}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.tls_port = free_port() if tls else None
+        self.pid_file = self.base / "node.pid"
+        self._write_config(heartbeat, tls)
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def _write_config(self, heartbeat: int, tls: tuple[str, str, str] | None) -> None:
+        (self.base / "home").mkdir(parents=True, exist_ok=True)
+        conf = [
+            f"listeners.tcp.default = 127.0.0.1:{self.port}",
+            f"heartbeat = {heartbeat}",
+            "disk_free_limit.absolute = 10MB",
+            "loopback_users = none",
+        ]
+        if tls:
+            cacert, cert, key = tls
+            conf += [
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}",
+                f"ssl_options.cacertfile = {cacert}",
+                f"ssl_options.certfile = {cert}",
+                f"ssl_options.keyfile = {key}",
+                "ssl_options.verify = verify_none",
+                "ssl_options.fail_if_no_peer_cert = false",
+            ]
+        (self.base / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
+        # Queue counts of quorum queues refresh every 5 s by default; tests want them live.
+        (self.base / "advanced.config").write_text("[{rabbit, [{quorum_tick_interval, 200}]}].\n")
+        (self.base / "enabled_plugins").write_text("[].\n")
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            HOME=str(self.base / "home"),
+            RABBITMQ_NODENAME=self.nodename,
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=str(self.base / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.base / "log"),
+            RABBITMQ_CONFIG_FILE=str(self.base / "rabbitmq"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.base / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
+            RABBITMQ_PID_FILE=str(self.pid_file),
+        )
+        return env
+
+    def rabbitmqctl(self, *args: str, timeout: float = 60) -> str:
+        """Run rabbitmqctl against this node and return what it printed."""
+        result = subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.nodename, *args],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise BrokerError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
+        return result.stdout
+
+    def queue_counts(self, queue: str) -> tuple[int, int] | None:
+        """(messages_ready, messages_unacknowledged) as `rabbitmqctl list_queues` shows them; None if no such queue."""
+        out = self.rabbitmqctl(
+            "list_queues", "name", "messages_ready", "messages_unacknowledged", "--quiet", "--no-table-headers"
+        )
+        for line in out.splitlines():
+            name, ready, unacked = line.split("\t")
+            if name == queue:
+                return int(ready), int(unacked)
+        return None
+
+    def start(self, timeout: float = 90) -> BrokerNode:
+        """Start the node and return once it completes an AMQP handshake."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the node in the background (see wait_ready)."""
+        if not rabbitmq_installed():
+            raise BrokerError(f"rabbitmq-server is not installed ({RABBITMQ_BIN} is missing)")
+        self.pid_file.unlink(missing_ok=True)
+        subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmq-server"), "-detached"],
+            env=self.environment(),
+            check=True,
+            timeout=60,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self, timeout: float = 90) -> BrokerNode:
+        """Return once the node completes an AMQP handshake."""
+        deadline = time.monotonic() + timeout
+        while not amqp_answers("127.0.0.1", self.port):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"node {self.nodename} did not answer AMQP in {timeout:.0f}s; see {self.base}/log")
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        """Stop the node gracefully (as `rabbitmqctl stop` does) and wait until it is gone."""
+        pid = self.pid()
+        try:
+            self.rabbitmqctl("stop", timeout=120)
+        except (BrokerError, subprocess.TimeoutExpired):
+            self.kill()
+        self._wait_gone(pid)
+
+    def kill(self) -> None:
+        """kill -9 the node's Erlang VM: no shutdown, no goodbye to clients."""
+        pid = self.pid()
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._wait_gone(pid)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _wait_gone(self, pid: int | None, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            alive = pid is not None and Path(f"/proc/{pid}").exists()
+            if not alive and not amqp_answers("127.0.0.1", self.port, timeout=0.2):
+                return
+            time.sleep(0.1)
+        raise BrokerError(f"node {self.nodename} did not stop within {timeout:.0f}s")
+
+    def destroy(self) -> None:
+        """Stop the node if it runs and remove its directory."""
+        if self.pid() and Path(f"/proc/{self.pid()}").exists():
+            self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+class BrokerCluster:
+    """A local RabbitMQ cluster: nodes of their own sharing one Erlang cookie, joined to the first."""
+
+    def __init__(self, size: int = 3, name: str = "cluster"):
+        self.base = Path(tempfile.mkdtemp(prefix=f"rabbit-{name}-"))
+        cookie = secrets.token_hex(20)
+        self.nodes = [BrokerNode(name=f"{name}{n}x", base_dir=str(self.base / f"node{n}")) for n in range(1, size + 1)]
+        for node in self.nodes:
+            cookie_file = node.base / "home" / ".erlang.cookie"
+            cookie_file.write_text(cookie)
+            cookie_file.chmod(0o400)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def start(self, timeout: float = 120) -> BrokerCluster:
+        """Start every node, join the others to the first, and wait until all run as one cluster."""
+        for node in self.nodes:
+            node.launch()
+        for node in self.nodes:
+            node.wait_ready(timeout)
+        first = self.nodes[0].nodename
+        for node in self.nodes[1:]:
+            node.rabbitmqctl("stop_app")
+            node.rabbitmqctl("join_cluster", first)
+            node.rabbitmqctl("start_app")
+        self.wait_running(len(self.nodes), timeout)
+        return self
+
+    def running_nodes(self, asking: BrokerNode | None = None) -> list[str]:
+        """Names of the cluster's running nodes, as `rabbitmqctl cluster_status` reports them."""
+        out = (asking or self.nodes[0]).rabbitmqctl("cluster_status", "--formatter", "json")
+        return json.loads(out)["running_nodes"]
+
+    def wait_running(self, count: int, timeout: float = 120, asking: BrokerNode | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if len(self.running_nodes(asking)) == count:
+                    return
+            except (BrokerError, subprocess.TimeoutExpired, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the cluster did not reach {count} running nodes within {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def destroy(self) -> None:
+        for node in reversed(self.nodes):
+            node.destroy()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="Start a throwaway RabbitMQ node (or a local cluster), print its URL, and stop and "
+        "remove it on Ctrl+C.",
+        epilog="examples:\n  python local_broker.py\n  python local_broker.py --cluster 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--cluster", type=int, metavar="N", help="start N nodes joined in one cluster")
+    args = parser.parse_args()
+    if args.cluster:
+        print(f"Starting a {args.cluster}-node RabbitMQ cluster (about a minute)...", file=sys.stderr, flush=True)
+        broker = BrokerCluster(size=args.cluster)
+    else:
+        print("Starting a throwaway RabbitMQ node...", file=sys.stderr, flush=True)
+        broker = BrokerNode(name="local")
+    try:
+        broker.start()
+        urls = ",".join(broker.urls) if args.cluster else broker.url
+        print(urls, flush=True)
+        print(f"Ready: export AMQP_URL={urls}   (Ctrl+C stops and removes it)", file=sys.stderr, flush=True)
+        node = broker.nodes[0] if args.cluster else broker
+        print(
+            f"Inspect it with: HOME={node.base / 'home'} {RABBITMQ_BIN / 'rabbitmqctl'} -n {node.nodename} "
+            "list_queues name messages_ready messages_unacknowledged",
+            file=sys.stderr,
+            flush=True,
+        )
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        broker.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Fixtures: a throwaway RabbitMQ node for the whole run, and the scripts run as processes.
+
+The node proposes heartbeat = 2 s, so every test also proves that the scripts
+keep a connection alive while a task runs; it has a TLS listener with a CA
+made for the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pika
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from local_broker import BrokerNode  # noqa: E402
+
+HEARTBEAT = 2
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    cacert, certfile, keyfile = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    ca.cert_pem.write_to_path(str(cacert))
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    return str(cacert), str(certfile), str(keyfile)
+
+
+@pytest.fixture(scope="session")
+def broker(tls_files):
+    node = BrokerNode(name="test", heartbeat=HEARTBEAT, tls=tls_files).start()
+    yield node
+    node.destroy()
+
+
+@pytest.fixture
+def running_broker(broker):
+    """The session's node, started again after the test if the test stopped it."""
+    yield broker
+    if not broker.pid() or not Path(f"/proc/{broker.pid()}").exists():
+        broker.start()
+
+
+@pytest.fixture
+def queue(request, broker):
+    """A queue name of this test's own; removed (with its dead-letter queue) afterwards."""
+    name = "t_" + re.sub(r"\W+", "_", request.node.name)[:80]
+    yield name
+    try:
+        with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+            channel = connection.channel()
+            channel.queue_delete(name)
+            channel.queue_delete(name + ".dlq")
+    except pika.exceptions.AMQPError:
+        pass
+
+
+@pytest.fixture
+def env(broker):
+    """The environment the scripts run in: the test broker in AMQP_URL."""
+    return {**os.environ, "AMQP_URL": broker.url, "PYTHONUNBUFFERED": "1", "DOT_SECONDS": "0.1"}
+
+
+def run_script(script: str, *args: str, env: dict, timeout: float = 60, stdin: str | None = None):
+    """Run a script to the end, as a user would, and return the finished process."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+        cwd=ROOT,
+    )
+
+
+class Script:
+    """A script running in the background, its output collected line by line."""
+
+    def __init__(self, script: str, *args: str, env: dict, cwd: Path = ROOT):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *args],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self.changed:
+            return "\n".join(self.lines)
+
+    def count(self, pattern: str) -> int:
+        with self.changed:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def wait_for(self, pattern: str, timeout: float = 30, count: int = 1) -> None:
+        """Wait until `count` lines match `pattern`; fail with the output so far if they don't."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while sum(1 for line in self.lines if re.search(pattern, line)) < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.reader.is_alive():
+                    raise AssertionError(f"no {count}x {pattern!r} within {timeout}s; output:\n" + self.output)
+                self.changed.wait(min(left, 0.2))
+
+    def wait(self, timeout: float = 30) -> int:
+        """Wait for the process to exit and for its last line to be read; return its exit code."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout}s; output so far:\n{self.output[-3000:]}") from None
+        self.reader.join(timeout=5)
+        return code
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def start(env):
+    """start('worker.py', ...) runs a script in the background; all are killed after the test."""
+    started: list[Script] = []
+
+    def start_script(script: str, *args: str, env: dict = env, cwd: Path = ROOT) -> Script:
+        process = Script(script, *args, env=env, cwd=cwd)
+        started.append(process)
+        return process
+
+    yield start_script
+    for process in started:
+        process.stop()
+
+
+def start_worker(start, queue: str, *args: str, name: str = "w1", **kwargs) -> Script:
+    """A worker on `queue`, once it says it is waiting for messages."""
+    worker = start("worker.py", "--queue", queue, "--name", name, *args, **kwargs)
+    worker.wait_for(r"Waiting for messages")
+    return worker
+
+
+def publish(env: dict, queue: str, *messages: str, extra: tuple[str, ...] = ()) -> None:
+    """Send tasks with new_task.py --file, as a user would, and check it confirmed them all."""
+    result = run_script("new_task.py", "--queue", queue, "--file", "-", *extra, env=env, stdin="\n".join(messages))
+    assert result.returncode == 0, result.stderr
+    assert f"Sent {len(messages):,} messages" in result.stdout
+
+
+def done_tasks(*workers: Script) -> list[str]:
+    """The tasks the workers finished (acked), as they reported them."""
+    return [m for w in workers for m in re.findall(r"\[x\] Done '([^']*)'", w.output)]
+
+
+def wait_for_counts(broker: BrokerNode, queue: str, ready: int, unacked: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (counts := broker.queue_counts(queue)) != (ready, unacked):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{queue}: (ready, unacked) is {counts}, expected {(ready, unacked)}")
+        time.sleep(0.3)
+
+
+def get_all(broker: BrokerNode, queue: str) -> list[tuple[bytes, dict]]:
+    """Take every message off a queue (acking them): (body, headers) pairs."""
+    taken = []
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        channel = connection.channel()
+        while True:
+            method, properties, body = channel.basic_get(queue)
+            if method is None:
+                return taken
+            channel.basic_ack(method.delivery_tag)
+            taken.append((body, properties.headers or {}))
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def ready_count(url: str, queue: str) -> int:
+    """Messages ready in a queue, live (a passive declare, not rabbitmqctl's periodic figure); 0 if none."""
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        try:
+            return connection.channel().queue_declare(queue, passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code == 404:  # not declared yet
+                return 0
+            raise

@@ -1,0 +1,91 @@
+"""Every experiment of exercises.py, at a small time scale, on a throwaway node of its own.
+
+Each verdict is checked against what the broker shows afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def all_experiments():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # no AMQP_URL: the experiments start a node of their own
+    result = run_script("exercises.py", "--all", "--dot-seconds", "0.05", "--quiet", "--json", env=env, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    outcomes = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            data = json.loads(line)
+            outcomes[data.pop("experiment")] = data
+    sections = dict(re.findall(r"=== ([\w-]+): .*?\n(.*?)(?=\n=== |\Z)", result.stdout, re.S))
+    return outcomes, sections
+
+
+def queue_after(section: str, suffix: str = "") -> tuple[int, int]:
+    """The (ready, unacked) row that rabbitmqctl showed for the experiment's queue at the end."""
+    rows = re.findall(r"^  (ex_\S+)\t(\d+)\t(\d+)$", section, re.M)
+    matching = [(int(r), int(u)) for name, r, u in rows if name.endswith(suffix) and (suffix or "." not in name)]
+    return matching[-1]
+
+
+def test_every_experiment_runs_and_is_listed(all_experiments):
+    outcomes, sections = all_experiments
+    listed = run_script("exercises.py", "--list", env={}).stdout
+    for name in ("round-robin", "fair-dispatch", "auto-ack-loses", "manual-ack-redelivers", "broker-restart",
+                 "poison", "scale-out"):  # fmt: skip
+        assert name in outcomes and name in sections and name in listed
+        assert "timeline:" in sections[name] and "verdict:" in sections[name]
+
+
+def test_round_robin_gives_one_worker_every_heavy_task(all_experiments):
+    outcomes, sections = all_experiments
+    assert outcomes["round-robin"]["done"] == 8 and outcomes["round-robin"]["lost"] == 0
+    assert re.search(
+        r"did 4 heavy tasks .*did 0 heavy tasks|did 0 heavy tasks .*did 4 heavy tasks", sections["round-robin"]
+    )
+    assert "did 2 heavy tasks" in sections["fair-dispatch"]
+    assert queue_after(sections["fair-dispatch"]) == (0, 0)
+
+
+def test_auto_ack_loses_what_the_killed_workers_held(all_experiments):
+    outcomes, sections = all_experiments
+    result = outcomes["auto-ack-loses"]
+    assert result["lost"] >= 2  # at least the task each killed worker was running
+    assert result["lost"] == result["sent"] - result["done"]
+    assert queue_after(sections["auto-ack-loses"]) == (0, 0)  # not waiting anywhere: gone
+    assert f"{result['lost']} of 12 tasks lost" in sections["auto-ack-loses"]
+
+
+def test_manual_ack_redelivers_and_loses_nothing(all_experiments):
+    outcomes, sections = all_experiments
+    result = outcomes["manual-ack-redelivers"]
+    assert (result["done"], result["lost"], result["redelivered"]) == (12, 0, 2)
+    assert queue_after(sections["manual-ack-redelivers"]) == (0, 0)
+
+
+def test_broker_restart_keeps_persistent_tasks_only(all_experiments):
+    outcomes, sections = all_experiments
+    assert (outcomes["broker-restart"]["done"], outcomes["broker-restart"]["lost"]) == (6, 0)
+    after = sections["broker-restart"].split("after the restart")[1]
+    assert re.search(r"_classic\t0\t0", after) and re.search(r"ex_broker_restart_\d+\t6\t0", after)
+    assert "6 of 6 lost" in sections["broker-restart"]
+
+
+def test_poison_task_ends_in_the_dead_letter_queue(all_experiments):
+    outcomes, sections = all_experiments
+    result = outcomes["poison"]
+    assert (result["done"], result["dead_lettered"], result["lost"]) == (4, 1, 0)
+    assert queue_after(sections["poison"], ".dlq") == (1, 0)
+    assert "failed 3 times" in sections["poison"]
+
+
+def test_scale_out_loses_nothing(all_experiments):
+    outcomes, sections = all_experiments
+    result = outcomes["scale-out"]
+    assert (result["done"], result["lost"], result["redelivered"], result["done_twice"]) == (15, 0, 0, 0)
+    assert re.search(r"w2 [1-9]\d*, w3 [1-9]", sections["scale-out"])

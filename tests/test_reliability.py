@@ -1,0 +1,209 @@
+"""Real faults on a real broker: long tasks, cut connections, broker restarts,
+failing tasks, shutdown signals, a queue deleted under a worker, and TLS.
+
+Each test checks what a user would: every task done (at least once), nothing
+left ready or unacknowledged, failed tasks in the dead-letter queue, and the
+worker alive or gone with the right exit code.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from urllib.parse import quote
+
+import pika
+import pytest
+from conftest import (
+    HEARTBEAT,
+    done_tasks,
+    get_all,
+    publish,
+    ready_count,
+    run_script,
+    start_worker,
+    wait_for_counts,
+    wait_until,
+)
+from tcp_proxy import TcpProxy
+
+
+def all_bodies(broker, queue: str) -> list[bytes]:
+    """Take every message off a queue with a fast consumer."""
+    bodies = []
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=2000)
+        for method, _properties, body in channel.consume(queue, inactivity_timeout=2):
+            if method is None:
+                break
+            bodies.append(body)
+            channel.basic_ack(method.delivery_tag)
+        channel.cancel()
+    return bodies
+
+
+@pytest.fixture
+def proxy(broker):
+    proxy = TcpProxy(broker.port)
+    yield proxy
+    proxy.close()
+
+
+# --- 1. Long tasks --------------------------------------------------------------
+
+
+def test_a_task_longer_than_two_heartbeats_is_done_exactly_once(env, queue, start, broker):
+    task = "long" + "." * 6  # 6 s of work; the broker drops a silent client after 2 x 2 s
+    assert 2 * HEARTBEAT < 6
+    worker = start_worker(start, queue, "--dot-seconds", "1", "--max-tasks", "1")
+    publish(env, queue, task)
+    assert worker.wait(timeout=60) == 0
+    assert done_tasks(worker) == [task]
+    assert "connection lost" not in worker.output
+    wait_for_counts(broker, queue, 0, 0)
+
+
+# --- 2. Reconnect ---------------------------------------------------------------
+
+
+def test_worker_reconnects_after_the_connection_is_cut(env, queue, start, broker, proxy):
+    worker = start_worker(start, queue, "--url", proxy.url(), "--dot-seconds", "1")
+    publish(env, queue, "cut...")
+    worker.wait_for(r"Received 'cut")
+    proxy.cut()
+
+    worker.wait_for(r"connection lost: .*; reconnecting \(the task in progress will be redelivered\)")
+    worker.wait_for(r"Could not ack 'cut\.\.\.': its connection is gone")
+    worker.wait_for(r"Received 'cut\.\.\.' \(redelivered\)")
+    worker.wait_for(r"Done 'cut\.\.\.'")
+    publish(env, queue, "after")
+    worker.wait_for(r"Done 'after'")
+    assert worker.proc.poll() is None
+    assert proxy.accepted >= 2
+    wait_for_counts(broker, queue, 0, 0)
+
+
+def test_workers_and_producer_ride_out_a_broker_restart(queue, start, running_broker, tmp_path):
+    count = 3000
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"task{i}.\n" for i in range(count)))
+    workers = [start_worker(start, queue, "--dot-seconds", "0.002", name=f"w{n}") for n in (1, 2)]
+    producer = start("new_task.py", "--queue", queue, "--file", str(tasks))
+    workers[0].wait_for(r"Done 'task", count=20)
+
+    running_broker.restart()
+
+    assert producer.wait(timeout=120) == 0, producer.output
+    assert f"Sent {count:,} messages, all confirmed" in producer.output
+    for worker in workers:
+        worker.wait_for(r"connection lost: .*320 CONNECTION_FORCED", timeout=30)
+    expected = {f"task{i}." for i in range(count)}
+    # Poll the workers' own reports: right after a restart the broker's counts can read 0 too early.
+    wait_until(lambda: set(done_tasks(*workers)) >= expected, timeout=120, what="every task to be done")
+    assert set(done_tasks(*workers)) == expected
+    wait_for_counts(running_broker, queue, 0, 0)
+    assert all(worker.proc.poll() is None for worker in workers)
+
+
+def test_producer_sends_every_unconfirmed_message_again_after_a_cut(queue, start, broker, proxy, tmp_path):
+    count = 150_000
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"{i}\n" for i in range(count)))
+    producer = start("new_task.py", "--queue", queue, "--file", str(tasks), "--url", proxy.url())
+    wait_until(lambda: ready_count(broker.url, queue) > 5000, timeout=60, what="the first 5000 messages")
+    proxy.cut()
+
+    assert producer.wait(timeout=120) == 0, producer.output
+    assert re.search(
+        r"connection lost .*; reconnecting, \d+ unconfirmed message\(s\) will be sent again", producer.output
+    )
+    assert f"Sent {count:,} messages, all confirmed" in producer.output
+    resent = int(re.search(r"([\d,]+) were sent again", producer.output)[1].replace(",", ""))
+    bodies = all_bodies(broker, queue)
+    assert {int(b) for b in bodies} == set(range(count))  # nothing lost
+    assert count <= len(bodies) <= count + resent  # duplicates only among the resent
+
+
+# --- 4. Failing tasks -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_a_failing_task_is_retried_then_dead_lettered(env, queue, start, broker, queue_type):
+    worker = start_worker(start, queue, "--queue-type", queue_type, "--max-retries", "2")
+    publish(env, queue, "ok1", "an error.", "ok2", extra=("--queue-type", queue_type))
+
+    worker.wait_for(r"Failed 'an error\.': TaskFailed: the task says 'error'; moved to " + re.escape(queue + ".dlq"))
+    assert worker.count(r"Failed 'an error\.'") == 3
+    assert worker.count(r"Received 'an error\.' \(attempt 2 of 3\)") == 1
+    assert worker.count(r"Received 'an error\.' \(attempt 3 of 3\)") == 1
+    assert sorted(done_tasks(worker)) == ["ok1", "ok2"]
+    wait_for_counts(broker, queue, 0, 0)
+    dead = get_all(broker, queue + ".dlq")
+    assert [body for body, _ in dead] == [b"an error."]
+    assert dead[0][1]["x-error"] == "TaskFailed: the task says 'error'"
+    assert dead[0][1]["x-retries"] == 2
+    assert worker.proc.poll() is None
+
+
+# --- 5. Shutdown ------------------------------------------------------------------
+
+
+def test_first_sigterm_finishes_and_acks_the_current_task(env, queue, start, broker):
+    worker = start_worker(start, queue, "--dot-seconds", "1")
+    publish(env, queue, "current...", "next")
+    worker.wait_for(r"Received 'current")
+    worker.signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=30) == 0
+    assert "Warm shutdown" in worker.output
+    assert done_tasks(worker) == ["current..."]
+    wait_for_counts(broker, queue, 1, 0)  # 'next' was never taken
+    assert [body for body, _ in get_all(broker, queue)] == [b"next"]
+
+
+def test_second_signal_exits_at_once_and_the_task_goes_back(env, queue, start, broker):
+    worker = start_worker(start, queue, "--dot-seconds", "1")
+    publish(env, queue, "current" + "." * 30)
+    worker.wait_for(r"Received 'current")
+    worker.signal(signal.SIGINT)
+    worker.wait_for(r"Warm shutdown")
+    worker.signal(signal.SIGINT)
+
+    assert worker.wait(timeout=10) == 128 + signal.SIGINT
+    assert "Cold shutdown" in worker.output
+    assert done_tasks(worker) == []
+    wait_for_counts(broker, queue, 1, 0)
+
+
+# --- 6. Cancelled by the broker ------------------------------------------------------
+
+
+def test_worker_declares_a_deleted_queue_again_and_resumes(env, queue, start):
+    worker = start_worker(start, queue)
+    deleted = run_script("delete_queue.py", queue, env=env)
+    assert deleted.returncode == 0, deleted.stderr
+
+    worker.wait_for(rf"the broker cancelled our consumer \(was queue '{queue}' deleted\?\): declaring it again")
+    worker.wait_for(r"Waiting for messages", count=2)
+    publish(env, queue, "after the delete")
+    worker.wait_for(r"Done 'after the delete'")
+    assert worker.proc.poll() is None
+
+
+# --- 7. TLS ------------------------------------------------------------------------
+
+
+def test_tls_with_certificate_verification(env, queue, start, broker, tls_files):
+    cacert = tls_files[0]
+    tls_url = f"amqps://guest:guest@localhost:{broker.tls_port}/%2F"
+    worker = start_worker(start, queue, "--url", tls_url, "--max-tasks", "1", env={**env, "AMQP_CA_FILE": cacert})
+    url_with_ca = tls_url + "?ssl_options=" + quote(repr({"ca_certs": cacert}))
+    sent = run_script("new_task.py", "--queue", queue, "--url", url_with_ca, "over TLS", env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert worker.wait(timeout=30) == 0
+    assert done_tasks(worker) == ["over TLS"]
+
+    untrusted = run_script("new_task.py", "--queue", queue, "--url", tls_url, "--connect-timeout", "0", "x", env=env)
+    assert untrusted.returncode == 3
+    assert "certificate verify failed" in untrusted.stderr

@@ -1,0 +1,90 @@
+"""Pure logic, no broker: URL handling, error texts, parsing, scheduling."""
+
+from __future__ import annotations
+
+import io
+
+import pika
+import pytest
+
+import bench
+import workqueue
+from new_task import lines_of
+from worker import TaskFailed, dot_task
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://guest:s3cret@host:5672/%2F", "amqp://guest:***@host:5672/%2F"),
+        ("amqps://u:p%40ss@h/vh", "amqps://u:***@h/vh"),
+        ("amqp://host/%2F", "amqp://host/%2F"),
+        ("amqp://user@host/", "amqp://user@host/"),
+    ],
+)
+def test_redact_hides_passwords(url, shown):
+    assert workqueue.redact(url) == shown
+
+
+def test_redact_text_finds_urls_inside_messages():
+    assert workqueue.redact_text("bad URL amqp://a:b@c/ here") == "bad URL amqp://a:***@c/ here"
+
+
+def test_broker_urls_come_from_options_then_environment_then_default(monkeypatch):
+    monkeypatch.setenv("AMQP_URL", " amqp://a/ , amqp://b/ ,")
+    assert workqueue.broker_urls(["amqp://cli/"]) == ["amqp://cli/"]
+    assert workqueue.broker_urls(None) == ["amqp://a/", "amqp://b/"]
+    monkeypatch.delenv("AMQP_URL")
+    assert workqueue.broker_urls(None) == [workqueue.DEFAULT_URL]
+
+
+def test_connection_parameters_reject_other_schemes():
+    with pytest.raises(workqueue.UsageError, match=r"not an AMQP URL: http://u:\*\*\*@h/"):
+        workqueue.connection_parameters("http://u:pw@h/")
+
+
+def test_amqps_verifies_certificates_by_default():
+    parameters = workqueue.connection_parameters("amqps://u:p@broker.example:5671/%2F")
+    context = parameters.ssl_options.context
+    assert context.check_hostname and context.verify_mode.name == "CERT_REQUIRED"
+    assert parameters.ssl_options.server_hostname == "broker.example"
+
+
+def test_queue_mismatch_says_what_differs_and_how_to_fix_it():
+    error = pika.exceptions.ChannelClosedByBroker(
+        406,
+        "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'task_queue' in vhost '/': "
+        "received 'classic' but current is 'quorum'",
+    )
+    mismatch = workqueue.mismatch_from(error)
+    assert mismatch.exit_code == workqueue.EXIT_QUEUE_MISMATCH
+    assert str(mismatch) == (
+        "queue 'task_queue' already exists with other arguments (x-queue-type is 'quorum', not 'classic'); "
+        "use the matching --queue-type, or remove it with: python delete_queue.py task_queue"
+    )
+    assert not workqueue.is_connection_lost(error)
+
+
+def test_login_errors_are_not_retried_but_lost_connections_are():
+    assert workqueue.is_login_refused(pika.exceptions.ProbableAuthenticationError("x"))
+    assert not workqueue.is_connection_lost(pika.exceptions.ProbableAccessDeniedError("x"))
+    assert workqueue.is_connection_lost(pika.exceptions.ConnectionClosedByBroker(320, "CONNECTION_FORCED"))
+    assert workqueue.is_connection_lost(pika.exceptions.StreamLostError("reset"))
+
+
+def test_lines_of_skips_blank_lines_and_line_endings():
+    assert list(lines_of(io.BytesIO(b"a\r\n\nb\n\xff\n"))) == [b"a", b"b", b"\xff"]
+
+
+def test_dot_task_fails_on_the_word_error_only():
+    task = dot_task(0)
+    task(b"fine...")
+    task(b"errors are not the word")
+    with pytest.raises(TaskFailed):
+        task(b"an Error.")
+
+
+def test_ideal_makespan_is_the_greedy_schedule():
+    # Workers free at 0,0: tasks 4,1,1,1 -> w1: 4; w2: 1,1,1 -> 3. Makespan 4.
+    assert bench.ideal_makespan([4, 1, 1, 1], workers=2, dot_seconds=1) == 4
+    assert bench.ideal_makespan([1, 1, 1, 1], workers=2, dot_seconds=0.5) == 1

@@ -1,0 +1,298 @@
+"""The tutorial's claims, checked on a real broker with the scripts run as processes."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import get_all, publish, run_script, start_worker, wait_for_counts
+
+import bench
+from local_broker import free_port
+
+
+def test_a_sent_task_is_done_by_a_worker(env, queue, start):
+    worker = start_worker(start, queue, "--max-tasks", "2")
+    sent = run_script("new_task.py", "--queue", queue, "First", "message..", env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout == " [x] Sent 'First message..'\n"
+    assert run_script("new_task.py", "--queue", queue, env=env).stdout == " [x] Sent 'Hello World!'\n"
+
+    assert worker.wait(timeout=30) == 0
+    assert re.search(r"^w1 \[x\] Received 'First message\.\.'$", worker.output, re.M)
+    assert re.search(r"^w1 \[x\] Done 'First message\.\.' in 0\.[2-9]s$", worker.output, re.M)
+    assert re.search(r"^w1 \[x\] Done 'Hello World!'", worker.output, re.M)
+
+
+def test_round_robin_without_prefetch_gives_one_worker_all_heavy_tasks(env, queue, start, broker):
+    first = start_worker(start, queue, "--prefetch", "0", name="w1")
+    second = start_worker(start, queue, "--prefetch", "0", name="w2")
+    tasks = [f"heavy{i}......" if i % 2 == 0 else f"light{i}." for i in range(8)]
+    publish(env, queue, *tasks)
+
+    for worker in (first, second):
+        worker.wait_for(r"\[x\] Done", count=4)
+    heavy_counts = {worker.count(r"Done 'heavy") for worker in (first, second)}
+    assert heavy_counts == {0, 4}, first.output + "\n" + second.output
+    wait_for_counts(broker, queue, 0, 0)
+
+
+def test_prefetch_one_sends_tasks_to_the_free_worker(env, queue, start, broker):
+    first = start_worker(start, queue, name="w1")
+    second = start_worker(start, queue, name="w2")
+    # One task of 3 s, then five of 0.1 s: the worker holding the heavy one gets nothing else.
+    publish(env, queue, "heavy" + "." * 30, *[f"light{i}." for i in range(5)])
+
+    for worker in (first, second):
+        worker.wait_for(r"\[x\] Done", timeout=30)
+    heavy, light = (first, second) if first.count("Done 'heavy") else (second, first)
+    light.wait_for(r"Done 'light", count=5)
+    assert heavy.count(r"\[x\] Done") == 1, heavy.output
+    wait_for_counts(broker, queue, 0, 0)
+
+
+def test_a_killed_workers_task_is_done_by_another(env, queue, start, broker):
+    victim = start_worker(start, queue, name="w1")
+    publish(env, queue, "long" + "." * 40)
+    victim.wait_for(r"Received 'long")
+    wait_for_counts(broker, queue, 0, 1)
+    victim.kill()
+
+    rescuer = start_worker(start, queue, "--max-tasks", "1", "--dot-seconds", "0.01", name="w2")
+    assert rescuer.wait(timeout=30) == 0
+    assert re.search(r"Received 'long\.+' \(redelivered\)", rescuer.output), rescuer.output
+    wait_for_counts(broker, queue, 0, 0)
+
+
+def test_with_auto_ack_a_killed_workers_task_is_lost(env, queue, start, broker):
+    victim = start_worker(start, queue, "--auto-ack", name="w1")
+    assert "a crash loses it" in victim.output
+    publish(env, queue, "long" + "." * 40)
+    victim.wait_for(r"Received 'long")
+    wait_for_counts(broker, queue, 0, 0)  # the broker already forgot it
+    victim.kill()
+    wait_for_counts(broker, queue, 0, 0)
+    assert get_all(broker, queue) == []
+
+
+def test_durable_queue_and_persistent_messages_survive_a_restart(env, running_broker, queue):
+    classic, transient = queue + "_classic", queue + "_transient"
+    publish(env, queue, "quorum task")
+    publish(env, classic, "persistent classic task", extra=("--queue-type", "classic"))
+    publish(env, transient, "transient classic task", extra=("--queue-type", "classic", "--transient"))
+    for name in (queue, classic, transient):
+        wait_for_counts(running_broker, name, 1, 0)
+
+    running_broker.restart()
+
+    wait_for_counts(running_broker, queue, 1, 0)
+    wait_for_counts(running_broker, classic, 1, 0)
+    wait_for_counts(running_broker, transient, 0, 0)  # the queue is durable, its message was not
+    for name in (classic, transient):
+        run_script("delete_queue.py", name, env=env)
+
+
+def test_task_option_calls_a_users_function_with_the_body(env, queue, start, tmp_path):
+    (tmp_path / "mytasks.py").write_text(
+        "def record(body):\n"
+        "    assert isinstance(body, bytes)\n"
+        "    with open('calls.txt', 'ab') as f:\n"
+        "        f.write(body + b'\\n')\n"
+        "def explode(body):\n"
+        "    raise ValueError('no thanks')\n"
+    )
+    worker = start_worker(start, queue, "--task", "mytasks:record", "--max-tasks", "2", cwd=tmp_path)
+    publish(env, queue, "one", "two \u00e9")
+    assert worker.wait(timeout=30) == 0
+    assert (tmp_path / "calls.txt").read_bytes() == "one\ntwo \u00e9\n".encode()
+
+    failing = start_worker(start, queue, "--task", "mytasks:explode", "--max-retries", "0", cwd=tmp_path, name="w2")
+    publish(env, queue, "boom")
+    failing.wait_for(r"Failed 'boom': ValueError: no thanks; moved to " + re.escape(queue + ".dlq"))
+
+
+def test_delete_and_purge(env, queue, broker):
+    publish(env, queue, "a", "b")
+    wait_for_counts(broker, queue, 2, 0)
+
+    refused = run_script("delete_queue.py", queue, "--if-empty", env=env)
+    assert refused.returncode == 8
+    assert refused.stderr.count("\n") == 1 and "not empty" in refused.stderr
+
+    purged = run_script("delete_queue.py", queue, "--purge", env=env)
+    assert purged.returncode == 0, purged.stderr
+    assert f"Purged 2 messages from '{queue}'" in purged.stdout
+    wait_for_counts(broker, queue, 0, 0)
+
+    deleted = run_script("delete_queue.py", queue, env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"Deleted queue '{queue}'" in deleted.stdout
+    assert broker.queue_counts(queue) is None
+
+    missing = run_script("delete_queue.py", queue, env=env)
+    assert missing.returncode == 7
+    assert (
+        missing.stderr.strip()
+        == f"delete_queue.py: error: no queue named '{queue}' on 127.0.0.1:{broker.port} vhost '/'"
+    )
+
+
+def test_delete_refuses_a_queue_in_use(env, queue, start, broker):
+    start_worker(start, queue)
+    refused = run_script("delete_queue.py", queue, "--if-unused", env=env)
+    assert refused.returncode == 8, refused.stderr
+    assert "in use" in refused.stderr
+    assert broker.queue_counts(queue) is not None
+
+
+# --- Exit codes: one line on stderr, never a traceback, never a password ----------
+
+
+def assert_one_line_error(result, code: int, *phrases: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+    for phrase in phrases:
+        assert phrase in result.stderr
+
+
+@pytest.mark.parametrize("script", ["new_task.py", "worker.py", "delete_queue.py"])
+def test_bad_usage_exits_2(env, script):
+    result = run_script(script, "--no-such-option", env=env)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+    bad_url = run_script(script, "--url", "http://guest:s3cret@localhost/", env=env)
+    assert_one_line_error(bad_url, 2, "not an AMQP URL", "guest:***@")
+
+
+@pytest.mark.parametrize("script", ["new_task.py", "worker.py", "delete_queue.py"])
+def test_help_shows_examples_defaults_and_exit_codes(env, script):
+    result = run_script(script, "--help", env=env)
+    assert result.returncode == 0
+    assert "examples:" in result.stdout and "exit codes:" in result.stdout
+    assert "(default: " in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("new_task.py", ("--connect-timeout", "1")),
+        ("worker.py", ("--connect-timeout", "1")),
+        ("delete_queue.py", ()),
+    ],
+)
+def test_unreachable_broker_exits_3(env, script, args):
+    url = f"amqp://guest:s3cret@127.0.0.1:{free_port()}/%2F"
+    result = run_script(script, "--url", url, *args, env=env, timeout=30)
+    assert_one_line_error(result, 3, "cannot reach 127.0.0.1")
+
+
+@pytest.mark.parametrize("script", ["new_task.py", "worker.py", "delete_queue.py"])
+def test_wrong_password_exits_4_at_once(env, broker, script):
+    result = run_script(script, "--url", f"amqp://guest:s3cret@127.0.0.1:{broker.port}/%2F", env=env, timeout=20)
+    assert_one_line_error(result, 4, "login refused")
+    no_vhost = run_script(script, "--url", f"amqp://guest:guest@127.0.0.1:{broker.port}/nope", env=env, timeout=20)
+    assert_one_line_error(no_vhost, 4, "login refused")
+
+
+@pytest.mark.parametrize("script", ["new_task.py", "worker.py"])
+def test_queue_declared_with_another_type_exits_5_with_the_fix(env, queue, script):
+    publish(env, queue, "a quorum queue now")
+    result = run_script(script, "--queue", queue, "--queue-type", "classic", env=env, timeout=20)
+    assert_one_line_error(
+        result,
+        5,
+        f"queue '{queue}' already exists with other arguments",
+        "x-queue-type is 'quorum', not 'classic'",
+        f"python delete_queue.py {queue}",
+    )
+
+
+def test_messages_the_broker_keeps_refusing_exit_6(env, queue, broker):
+    # A policy that lets the queue hold one message and nacks the rest, however often they are sent.
+    broker.rabbitmqctl(
+        "set_policy", "--apply-to", "queues", queue, f"^{queue}$", '{"max-length": 1, "overflow": "reject-publish"}'
+    )
+    try:
+        result = run_script(
+            "new_task.py", "--queue", queue, "--queue-type", "classic", "--file", "-", env=env, stdin="a\nb\nc\n"
+        )
+    finally:
+        broker.rabbitmqctl("clear_policy", queue)
+    assert result.returncode == 6
+    warning, error = result.stderr.splitlines()  # the retries are announced once, then one error line
+    assert warning == "[!] the broker refused (nacked) messages; sending them again on a new connection"
+    assert error == "new_task.py: error: 2 of 3 message(s) not taken by the broker (2 nacked, 0 unroutable)"
+    run_script("delete_queue.py", queue, env=env)
+
+
+def test_new_task_refuses_words_and_file_together(env, queue):
+    result = run_script("new_task.py", "--queue", queue, "--file", "-", "word", env=env)
+    assert_one_line_error(result, 2, "either words or --file")
+
+
+def test_new_task_reports_an_unreadable_file(env, queue, broker):
+    result = run_script("new_task.py", "--queue", queue, "--file", "/no/such/file", env=env)
+    assert_one_line_error(result, 2, "cannot read /no/such/file")
+    assert broker.queue_counts(queue) is None
+
+
+def test_bulk_publish_from_stdin_skips_blank_lines(env, queue, broker):
+    result = run_script("new_task.py", "--queue", queue, "--file", "-", env=env, stdin="one\n\ntwo\r\nthree")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == " [x] Sent 3 messages, all confirmed\n"
+    assert [body for body, _ in get_all(broker, queue)] == [b"one", b"two", b"three"]
+
+
+def test_worker_requires_a_valid_task_spec(env, queue):
+    result = run_script("worker.py", "--queue", queue, "--task", "no_such_module:run", env=env)
+    assert_one_line_error(result, 2, "cannot import no_such_module")
+
+
+def test_transient_on_a_quorum_queue_warns(env, queue):
+    result = run_script("new_task.py", "--queue", queue, "--transient", "x", env=env)
+    assert result.returncode == 0
+    assert "no effect on a quorum queue" in result.stderr
+
+
+def test_bulk_publish_memory_stays_flat(env, queue, tmp_path):
+    command = bench.ours("new_task.py", env["AMQP_URL"], queue, "--file", "-")
+    peaks = []
+    for count in (20_000, 300_000):
+        lines = tmp_path / f"{count}.txt"
+        lines.write_text("".join(f"task {i}\n" for i in range(count)))
+        _, peak_mb = bench.timed(command, stdin_path=str(lines))  # the benchmark's peak-RSS measurement
+        peaks.append(peak_mb)
+    assert peaks[1] < peaks[0] + 8, f"peak RSS {peaks[0]:.0f} MB for 20k lines, {peaks[1]:.0f} MB for 300k"
+
+
+def test_bulk_publish_shows_progress_on_a_terminal_only(env, queue, tmp_path):
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"task {i}\n" for i in range(100_000)))
+    command = [sys.executable, "new_task.py", "--queue", queue, "--file", str(lines)]
+    leader, follower = pty.openpty()
+    with subprocess.Popen(command, env=env, stderr=follower, stdout=subprocess.PIPE, cwd=bench.ROOT) as proc:
+        os.close(follower)
+        shown = b""
+        while chunk := _read_pty(leader):
+            shown += chunk
+        assert proc.wait(timeout=60) == 0
+    os.close(leader)
+    assert re.search(rb"\r  [\d,]+ confirmed, [\d,]+ in flight \([\d,]+/s\)", shown), shown[:300]
+    assert shown.endswith(b"\r\x1b[K")  # the progress line is wiped at the end
+
+    piped = run_script("new_task.py", "--queue", queue, "--file", str(lines), env=env)
+    assert piped.returncode == 0 and piped.stderr == ""  # quiet when not on a terminal
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the other side closed
+        return b""

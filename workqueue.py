@@ -1,0 +1,334 @@
+"""Plumbing shared by new_task.py, worker.py and delete_queue.py.
+
+The scripts show how a work queue works; this module keeps them robust:
+settings and broker URLs, connecting with retries, the one queue declaration
+every script uses, turning pika's exceptions into a few named errors with
+documented exit codes, and logging. Passwords never leave this module: every
+URL shown to a person goes through ``redact()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pika
+import pika.exceptions
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
+DEFAULT_QUEUE = "task_queue"
+QUEUE_TYPES = ("quorum", "classic")
+
+# Exit codes, the same for every script (the README has this table too).
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_LOGIN_REFUSED = 4
+EXIT_QUEUE_MISMATCH = 5
+EXIT_NOT_CONFIRMED = 6
+EXIT_NO_SUCH_QUEUE = 7
+EXIT_QUEUE_IN_USE = 8
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  done                        4  login refused (user, password or vhost)
+  1  unexpected error            5  queue exists with other arguments
+  2  bad usage                   6  broker did not confirm a message
+  3  broker unreachable          7  no such queue (delete_queue.py)
+                                 8  queue not empty / in use (delete_queue.py)
+"""
+
+
+# --- Errors -----------------------------------------------------------------
+
+
+class WorkQueueError(Exception):
+    """An error a user can act on: one line on stderr and a documented exit code."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class UsageError(WorkQueueError):
+    exit_code = EXIT_USAGE
+
+
+class BrokerUnreachable(WorkQueueError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class LoginRefused(WorkQueueError):
+    exit_code = EXIT_LOGIN_REFUSED
+
+
+class QueueMismatch(WorkQueueError):
+    exit_code = EXIT_QUEUE_MISMATCH
+
+
+class NotConfirmed(WorkQueueError):
+    exit_code = EXIT_NOT_CONFIRMED
+
+
+class NoSuchQueue(WorkQueueError):
+    exit_code = EXIT_NO_SUCH_QUEUE
+
+
+class QueueInUse(WorkQueueError):
+    exit_code = EXIT_QUEUE_IN_USE
+
+
+def queue_mismatch(queue: str, broker_text: str) -> QueueMismatch:
+    """Explain a 406 PRECONDITION_FAILED from queue_declare: what differs and how to fix it."""
+    differs = re.search(r"inequivalent arg '([^']+)'.*received (.+) but current is (.+)", broker_text)
+    detail = f"{differs[1]} is {differs[3]}, not {differs[2]}" if differs else broker_text
+    return QueueMismatch(
+        f"queue '{queue}' already exists with other arguments ({detail}); "
+        f"use the matching --queue-type, or remove it with: python delete_queue.py {queue}"
+    )
+
+
+def mismatch_from(error: BaseException) -> QueueMismatch | None:
+    """A QueueMismatch if the broker closed the channel over a redeclaration with other arguments."""
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker) and error.reply_code == 406:
+        declared = re.search(r"inequivalent arg .* for queue '([^']+)'", error.reply_text)
+        if declared:
+            return queue_mismatch(declared[1], error.reply_text)
+    return None
+
+
+def is_connection_lost(error: BaseException) -> bool:
+    """A lost connection or channel, after which reconnecting may help."""
+    if is_login_refused(error) or mismatch_from(error):
+        return False
+    return isinstance(
+        error,
+        (
+            pika.exceptions.AMQPConnectionError,
+            pika.exceptions.ChannelClosed,
+            pika.exceptions.ChannelWrongStateError,
+            pika.exceptions.ConnectionWrongStateError,
+        ),
+    )
+
+
+def is_login_refused(error: BaseException) -> bool:
+    """Wrong user, password or vhost: retrying cannot help."""
+    return isinstance(
+        error,
+        (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+        ),
+    ) or (isinstance(error, pika.exceptions.ConnectionClosedByBroker) and error.reply_code in (403, 530))
+
+
+def describe(error: BaseException) -> str:
+    """A short, password-free description of a pika (or socket) error."""
+    if isinstance(
+        error,
+        (
+            pika.exceptions.ConnectionClosedByBroker,
+            pika.exceptions.ChannelClosedByBroker,
+        ),
+    ):
+        text = f"closed by the broker: {error.reply_code} {error.reply_text}"
+    elif getattr(error, "exceptions", None):  # pika's AMQPConnectionWorkflowFailed: why the last try failed
+        return describe(error.exceptions[-1])
+    elif isinstance(getattr(error, "exception", None), BaseException):  # a connector phase error
+        return describe(error.exception)
+    elif isinstance(error, pika.exceptions.AMQPConnectionError) and error.args:
+        inner = error.args[0]
+        text = describe(inner) if isinstance(inner, BaseException) else str(error)
+    else:
+        text = str(error) or type(error).__name__
+    return redact_text(text)
+
+
+# --- URLs and connection parameters -------------------------------------------
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ***, safe to print or log."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def redact_text(text: str) -> str:
+    return re.sub(r"(\w+://[^:/@\s]*:)[^@/\s]*@", r"\1***@", text)
+
+
+def broker_urls(cli_urls: list[str] | None) -> list[str]:
+    """--url values, else the comma-separated URLs in AMQP_URL, else the local default."""
+    if cli_urls:
+        return cli_urls
+    from_env = [u.strip() for u in os.environ.get("AMQP_URL", "").split(",") if u.strip()]
+    return from_env or [DEFAULT_URL]
+
+
+def connection_parameters(url: str) -> pika.URLParameters:
+    """pika parameters for a URL, with certificate verification for amqps://.
+
+    The CA comes from the URL's ssl_options, else from the file named by
+    AMQP_CA_FILE, else from the system's trust store.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise UsageError(f"not an AMQP URL: {redact(url)} (expected amqp://user:password@host:port/vhost)")
+    try:
+        parameters = pika.URLParameters(url)
+    except Exception as error:
+        raise UsageError(f"bad URL {redact(url)}: {redact_text(str(error))}") from None
+    if parts.scheme == "amqps" and "ssl_options" not in parse_qs(parts.query):
+        context = ssl.create_default_context(cafile=os.environ.get("AMQP_CA_FILE") or None)
+        parameters.ssl_options = pika.SSLOptions(context, server_hostname=parts.hostname)
+    if "socket_timeout" not in parse_qs(parts.query):
+        parameters.socket_timeout = 5  # fail over quickly from a host that does not answer
+    return parameters
+
+
+def where(url: str) -> str:
+    """host:port/vhost of a URL, for messages."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)} vhost '{vhost}'"
+
+
+def connect(
+    urls: list[str],
+    retry_for: float,
+    should_stop: Callable[[], bool] = lambda: False,
+    announce: Callable[[str], None] = LOGGER.warning,
+) -> pika.BlockingConnection | None:
+    """Open a BlockingConnection to the first URL that answers.
+
+    Keeps trying the URLs in turn, with capped exponential backoff, for
+    ``retry_for`` seconds (``None``: until ``should_stop()``), then raises
+    BrokerUnreachable. A refused login raises LoginRefused at once: no retry.
+    Returns None if ``should_stop()`` became true while waiting.
+    """
+    deadline = None if retry_for is None else time.monotonic() + retry_for
+    delay = 0.25
+    announced = False
+    while True:
+        for url in urls:
+            try:
+                return pika.BlockingConnection(connection_parameters(url))
+            except pika.exceptions.AMQPError as error:
+                if is_login_refused(error):
+                    raise LoginRefused(f"login refused by {where(url)}: wrong user, password or vhost") from None
+                reason = f"cannot reach {where(url)}: {describe(error)}"
+            except (OSError, ssl.SSLError) as error:  # TLS handshake, DNS
+                reason = f"cannot reach {where(url)}: {describe(error)}"
+        if deadline is not None and time.monotonic() + delay > deadline:
+            raise BrokerUnreachable(f"{reason} (gave up after {retry_for:g}s)")
+        if not announced and (retry_for is None or retry_for > 5):  # say why we wait, if it may be long
+            announce(f"{reason}; retrying" + (f" for up to {retry_for:g}s" if retry_for else ""))
+            announced = True
+        if not sleep_unless(delay, should_stop):
+            return None
+        delay = min(delay * 2, 5.0)
+
+
+def sleep_unless(seconds: float, should_stop: Callable[[], bool]) -> bool:
+    """Sleep in short slices; False if should_stop() became true first."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if should_stop():
+            return False
+        time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    return not should_stop()
+
+
+# --- The queue ----------------------------------------------------------------
+
+
+def queue_arguments(queue_type: str) -> dict:
+    """Arguments of task_queue, exactly as the official tutorial declares it."""
+    return {"x-queue-type": queue_type}
+
+
+def dead_letter_queue(queue: str) -> str:
+    return f"{queue}.dlq"
+
+
+# --- Command line and logging ---------------------------------------------------
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and shows each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        action="append",
+        metavar="URL",
+        # argparse %-formats help texts: the %2F in the URL must be written %%2F.
+        help="broker URL; repeat for a cluster (default: $AMQP_URL, comma-separated URLs, "
+        f"else {redact(DEFAULT_URL).replace('%', '%%')})",
+    )
+
+
+def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queue", default=DEFAULT_QUEUE, help="queue name")
+    parser.add_argument(
+        "--queue-type",
+        choices=QUEUE_TYPES,
+        default="quorum",
+        help="type to declare the queue with; must match an existing queue of that name",
+    )
+
+
+def setup_logging(label: str = "") -> None:
+    """Warnings and errors on stderr, one line each, labelled like the script's output."""
+    prefix = f"{label} " if label else ""
+    logging.basicConfig(level=logging.INFO, format=f"{prefix}[!] %(message)s", stream=sys.stderr)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # we report connection trouble ourselves
+
+
+def run(main: Callable[[], int]) -> None:
+    """Run a script's main(): errors become one line on stderr and an exit code."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        code = main()
+    except pika.exceptions.ChannelClosedByBroker as error:
+        mismatch = mismatch_from(error)
+        print(f"{prog}: error: {describe(mismatch or error)}", file=sys.stderr)
+        code = mismatch.exit_code if mismatch else EXIT_UNEXPECTED
+    except WorkQueueError as error:
+        print(f"{prog}: error: {redact_text(str(error))}", file=sys.stderr)
+        code = error.exit_code
+    except pika.exceptions.AMQPConnectionError as error:
+        if is_login_refused(error):
+            print(
+                f"{prog}: error: login refused: wrong user, password or vhost",
+                file=sys.stderr,
+            )
+            code = EXIT_LOGIN_REFUSED
+        else:
+            print(f"{prog}: error: lost the broker: {describe(error)}", file=sys.stderr)
+            code = EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+    except Exception as error:
+        print(
+            f"{prog}: unexpected error: {type(error).__name__}: {describe(error)}",
+            file=sys.stderr,
+        )
+        code = EXIT_UNEXPECTED
+    sys.exit(code)
