@@ -337,6 +337,10 @@ def broker_restart(lab: Lab) -> tuple[Outcome, str]:
     lab.note("stopping the broker")
     lab.node.restart()
     lab.note("broker started again")
+    # rabbitmqctl reads 0 for a quorum queue until its Raft member has recovered its log: give it a moment.
+    deadline = time.monotonic() + 15
+    while lab.counts() in (None, (0, 0)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     show_counts(lab, "after the restart", [lab.queue, classic])
     classic_left = (lab.counts(classic) or (0, 0))[0]
     worker = lab.worker("w1")

@@ -16,6 +16,7 @@ How it stays correct where the tutorial's worker is not:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import importlib
 import logging
@@ -49,7 +50,11 @@ examples:
 def make_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Consume tasks from a durable RabbitMQ work queue, with manual acks.",
-        epilog=EXAMPLES + "\n" + workqueue.EXIT_CODES_HELP + "  130/143  second Ctrl+C / SIGTERM: cold shutdown\n",
+        epilog=EXAMPLES
+        + "\n"
+        + workqueue.EXIT_CODES_HELP
+        + "  130/143  second Ctrl+C / SIGTERM: cold shutdown\n\n"
+        + "kill -USR1 PID prints every thread's stack (is a task stuck?); the worker goes on.\n",
         formatter_class=workqueue.HelpFormatter,
     )
     parser.add_argument(
@@ -400,6 +405,7 @@ def main() -> int:
     task = load_task(args.task) if args.task else dot_task(args.dot_seconds)
     if args.auto_ack:
         LOGGER.warning("auto-ack: the broker forgets each task when it is delivered; a crash loses it")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where is each thread stuck?
     worker = Worker(args, task)
     signal.signal(signal.SIGINT, worker.on_signal)
     signal.signal(signal.SIGTERM, worker.on_signal)

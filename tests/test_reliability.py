@@ -97,7 +97,9 @@ def test_workers_and_producer_ride_out_a_broker_restart(queue, start, running_br
     assert producer.wait(timeout=120) == 0, producer.output
     assert f"Sent {count:,} messages, all confirmed" in producer.output
     for worker in workers:
-        worker.wait_for(r"connection lost: .*320 CONNECTION_FORCED", timeout=30)
+        # A graceful stop usually reaches a client as "320 CONNECTION_FORCED", but under load as a reset.
+        worker.wait_for(r"connection lost: ", timeout=30)
+        worker.wait_for(r"Waiting for messages", count=2, timeout=60)  # consuming again
     expected = {f"task{i}." for i in range(count)}
     # Poll the workers' own reports: right after a restart the broker's counts can read 0 too early.
     wait_until(lambda: set(done_tasks(*workers)) >= expected, timeout=120, what="every task to be done")
@@ -160,6 +162,18 @@ def test_first_sigterm_finishes_and_acks_the_current_task(env, queue, start, bro
     assert done_tasks(worker) == ["current..."]
     wait_for_counts(broker, queue, 1, 0)  # 'next' was never taken
     assert [body for body, _ in get_all(broker, queue)] == [b"next"]
+
+
+def test_sigusr1_shows_where_a_long_task_is_and_the_worker_goes_on(env, queue, start, broker):
+    worker = start_worker(start, queue, "--dot-seconds", "1")
+    publish(env, queue, "slow..")
+    worker.wait_for(r"Received 'slow")
+    worker.signal(signal.SIGUSR1)
+
+    worker.wait_for(r'File ".*worker\.py", line \d+ in sleep_per_dot')  # the task thread, in the task
+    worker.wait_for(r"Done 'slow..'")
+    wait_for_counts(broker, queue, 0, 0)
+    assert worker.proc.poll() is None
 
 
 def test_second_signal_exits_at_once_and_the_task_goes_back(env, queue, start, broker):
