@@ -36,6 +36,8 @@ import workqueue
 
 LOGGER = logging.getLogger("worker")
 
+QUICK_TASK_SECONDS = 0.005  # how long on_message waits for a task before it goes back to the connection
+
 EXAMPLES = """\
 examples:
   python worker.py                          # one second of work per dot
@@ -180,6 +182,9 @@ class Delivery:
         return text if len(text) <= 50 else text[:49] + "…"
 
 
+Result = tuple[Delivery, str, Exception | None, float]  # the delivery, "done"/"failed"/"requeue", error, seconds
+
+
 class Worker:
     def __init__(self, args: argparse.Namespace, task: Callable[[bytes], object]):
         self.args = args
@@ -192,11 +197,12 @@ class Worker:
 
         # The task thread takes deliveries from `todo`, and puts what happened in
         # `results`; only the connection's thread (this one) talks to the broker.
-        self.todo: queue.Queue[Delivery] = queue.Queue()
-        self.results: queue.Queue[tuple[Delivery, str, Exception | None, float]] = queue.Queue()
+        self.todo: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[Result] = queue.SimpleQueue()
         self.current: Delivery | None = None
         self.taking_tasks = True
         self.handoff = threading.Lock()
+        self.waiting_in_callback = False  # on_message waits for a short task: no need to wake the loop
         threading.Thread(target=self.run_tasks, name="task", daemon=True).start()
 
     def say(self, line: str) -> None:
@@ -283,8 +289,23 @@ class Worker:
             self.report_lost_ack(self.results.get()[0])
 
     def on_message(self, connection, channel, method, properties, body) -> None:
-        """A task arrived: hand it to the task thread."""
+        """A task arrived: hand it to the task thread, and give it a moment to finish.
+
+        Most tasks of a work queue are short: when this one ends within QUICK_TASK_SECONDS, its ack
+        goes out from here at once, and the connection's loop need not be woken from the task thread.
+        """
+        with self.handoff:
+            self.waiting_in_callback = True
         self.todo.put(Delivery(connection, channel, method.delivery_tag, body, properties, method.redelivered))
+        try:
+            finished = self.results.get(timeout=QUICK_TASK_SECONDS)
+        except queue.Empty:
+            finished = None
+        with self.handoff:
+            self.waiting_in_callback = False
+        if finished:
+            self.handle_result(*finished)
+        self.handle_results()
 
     # The task thread.
 
@@ -305,15 +326,11 @@ class Worker:
                 error = None
             except Exception as failure:
                 error = failure
-            self.results.put(
-                (
-                    delivery,
-                    "failed" if error else "done",
-                    error,
-                    time.monotonic() - started,
-                )
-            )
-            self.current = None
+            with self.handoff:
+                self.results.put((delivery, "failed" if error else "done", error, time.monotonic() - started))
+                self.current = None
+                if self.waiting_in_callback:
+                    continue  # on_message is waiting, and handles the result itself
             try:
                 # The only thread-safe call on a connection: run handle_results in its thread, now.
                 delivery.connection.add_callback_threadsafe(self.handle_results)
@@ -324,25 +341,27 @@ class Worker:
 
     def handle_results(self) -> None:
         while not self.results.empty():
-            delivery, outcome, error, seconds = self.results.get()
-            if not delivery.channel.is_open:
-                self.report_lost_ack(delivery)
-            elif outcome == "requeue":
-                delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
-            elif self.args.auto_ack:
-                self.say(
-                    f"[x] Done '{delivery.text}' in {seconds:.1f}s"
-                    if not error
-                    else f"[!] Failed '{delivery.text}': {error} (auto-ack: the task is lost)"
-                )
-                self.count_task(delivery.channel)
-            elif error is None:
-                delivery.channel.basic_ack(delivery.delivery_tag)
-                self.say(f"[x] Done '{delivery.text}' in {seconds:.1f}s")
-                self.count_task(delivery.channel)
-            else:
-                self.retry_or_dead_letter(delivery, error)
-                self.count_task(delivery.channel)
+            self.handle_result(*self.results.get())
+
+    def handle_result(self, delivery: Delivery, outcome: str, error: Exception | None, seconds: float) -> None:
+        if not delivery.channel.is_open:
+            self.report_lost_ack(delivery)
+        elif outcome == "requeue":
+            delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
+        elif self.args.auto_ack:
+            self.say(
+                f"[x] Done '{delivery.text}' in {seconds:.1f}s"
+                if not error
+                else f"[!] Failed '{delivery.text}': {error} (auto-ack: the task is lost)"
+            )
+            self.count_task(delivery.channel)
+        elif error is None:
+            delivery.channel.basic_ack(delivery.delivery_tag)
+            self.say(f"[x] Done '{delivery.text}' in {seconds:.1f}s")
+            self.count_task(delivery.channel)
+        else:
+            self.retry_or_dead_letter(delivery, error)
+            self.count_task(delivery.channel)
 
     def retry_or_dead_letter(self, delivery: Delivery, error: Exception) -> None:
         """Publish the failed task again (to the back of the queue) or to the DLQ, confirmed, then ack it."""

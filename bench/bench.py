@@ -11,20 +11,25 @@ a quorum queue, on a throwaway broker node (or --url). Prints one Markdown table
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pika
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import turnaround  # noqa: E402
 
 import local_broker  # noqa: E402
 
@@ -197,8 +202,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: checks that the benchmark runs")
     parser.add_argument("--url", help="use this broker instead of a throwaway node (queues bench_*)")
     args = parser.parse_args()
-    publish_n, per_process, drain_n, repeats, fair_n, dot = (
-        (2000, 5, 500, 1, 9, 0.02) if args.quick else (100_000, 40, 5_000, 3, 30, 0.1)
+    publish_n, per_process, drain_n, rounds, fair_n, dot = (
+        (2000, 5, 500, 1, 9, 0.02) if args.quick else (100_000, 40, 5_000, 8, 30, 0.1)
     )
     memory_sizes = (10_000, 100_000) if args.quick else (100_000, 1_000_000)
 
@@ -222,11 +227,24 @@ def main() -> int:
             for prefetch in (1, 10, 100):
                 cmd = ours("worker.py", url, q, "--dot-seconds", 0, "--prefetch", prefetch)
                 workers[f"ours: worker.py --prefetch {prefetch}"] = cmd
-            best: dict[str, float] = {}
-            for _ in range(repeats):  # alternate, and keep each one's best run: loopback figures are noisy
-                for name, cmd in workers.items():
-                    best[name] = max(best.get(name, 0.0), drain_rate(url, cmd, q, drain_n, tmp))
-            drains = list(best.items())
+            # A run's rate swings by +-10% with the broker's disk writes: so, rounds of one run each (in
+            # turn forward and backward), each run compared with the tutorial's of its round; medians shown.
+            rates: dict[str, list[float]] = {name: [] for name in workers}
+            for round_number in range(rounds):
+                order = list(workers.items())
+                for name, cmd in order if round_number % 2 == 0 else reversed(order):
+                    rates[name].append(drain_rate(url, cmd, q, drain_n, tmp))
+            times: dict[str, list[tuple[float, float]]] = {}
+            if turnaround.can_capture():
+                print("Turnaround at prefetch 1 (packet capture on lo)...", file=sys.stderr)
+                port = urlsplit(url).port or 5672
+                pair = list(workers.items())[:2]  # the tutorial's and ours, both at prefetch 1
+                for round_number in range(max(1, rounds // 2)):
+                    for name, cmd in pair if round_number % 2 == 0 else reversed(pair):
+                        run = functools.partial(drain_rate, url, cmd, q, drain_n, tmp)
+                        times.setdefault(name, []).append(turnaround.turnarounds(port, run))
+            else:
+                print("Turnaround: skipped (a packet capture needs root)", file=sys.stderr)
             print("Fair dispatch...", file=sys.stderr)
             dots = mixed_tasks(fair_n)
             ideal = ideal_makespan(dots, 3, dot)
@@ -239,7 +257,7 @@ def main() -> int:
             node.destroy()
 
     ours_publish = publish[-1][2]
-    tutorial_drain = drains[0][1]
+    tutorial_drain = next(iter(rates.values()))
     out.append(
         f"Machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, pika {pika.__version__}; persistent messages, quorum queue, loopback."
@@ -250,8 +268,23 @@ def main() -> int:
     for name, n, rate, peak in publish:
         mem = f"{peak:.0f} MB" if peak else ""
         out.append(f"| publish: {name} | {n:,} | {rate:,.0f}/s | {rate / ours_publish:.2f}x ours | {mem} |")
-    for name, rate in drains:
-        out.append(f"| drain: {name} | {drain_n:,} | {rate:,.0f}/s | {rate / tutorial_drain:.2f}x tutorial | |")
+    for name, runs in rates.items():
+        ratios = [rate / tutorial for rate, tutorial in zip(runs, tutorial_drain)]
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(runs) > 1 else ""
+        out.append(
+            f"| drain: {name} | {drain_n:,} x {len(runs)} | {statistics.median(runs):,.0f}/s "
+            f"| {statistics.median(ratios):.2f}x tutorial{spread} | |"
+        )
+    if times:
+        tutorial_time = statistics.median(worker for worker, _ in next(iter(times.values())))
+        for name, runs in times.items():
+            worker_time = statistics.median(worker for worker, _ in runs)
+            out.append(
+                f"| worker's time per task (delivery in, ack out): {name} | {drain_n:,} x {len(runs)} "
+                f"| {worker_time:.0f} µs | {worker_time / tutorial_time:.2f}x tutorial | |"
+            )
+        broker_time = statistics.median(broker for runs in times.values() for _, broker in runs)
+        out.append(f"| broker's time per task at prefetch 1 (ack in, next delivery out) | | {broker_time:.0f} µs | | |")
     for label, makespan in (("prefetch 1 (fair)", fair), ("prefetch 0 (round-robin)", rr)):
         out.append(
             f"| makespan, 3 workers, {fair_n} mixed tasks: {label} | {fair_n} | {makespan:.2f} s "
