@@ -6,7 +6,8 @@ message contains the word "error"); --task runs a function of yours instead.
 
 How it stays correct where the tutorial's worker is not:
 - the task runs in a thread of its own, so pika keeps answering heartbeats
-  during a long task; the ack goes back through add_callback_threadsafe;
+  during a long task; the ack goes back through add_callback_threadsafe
+  (a task done within 5 ms is acked from on_message, which waits for it);
 - a lost connection is reported and re-opened with capped backoff;
 - a failed task is published again with its attempt count in a header, and
   after --max-retries it goes to the dead-letter queue <queue>.dlq;
