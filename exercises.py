@@ -338,9 +338,10 @@ def broker_restart(lab: Lab) -> tuple[Outcome, str]:
     lab.node.restart()
     lab.note("broker started again")
     # rabbitmqctl reads 0 for a quorum queue until its Raft member has recovered its log: give it a moment.
-    deadline = time.monotonic() + 15
-    while lab.counts() in (None, (0, 0)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    try:
+        wait_for(lambda: lab.counts() not in (None, (0, 0)), "the quorum queue's counts", timeout=15)
+    except RuntimeError:
+        pass  # show what rabbitmqctl says, 0 included
     show_counts(lab, "after the restart", [lab.queue, classic])
     classic_left = (lab.counts(classic) or (0, 0))[0]
     worker = lab.worker("w1")

@@ -135,6 +135,13 @@ def drain_rate(url: str, cmd: list[str], q: str, count: int, tmp: Path) -> float
     return count / seconds
 
 
+def alternating(commands: dict[str, list[str]], rounds: int):
+    """(name, command) for each round, in turn forward and backward, so that no one always goes first."""
+    order = list(commands.items())
+    for round_number in range(rounds):
+        yield from order if round_number % 2 == 0 else reversed(order)
+
+
 # --- 3. Fair dispatch -----------------------------------------------------------------
 
 
@@ -230,19 +237,16 @@ def main() -> int:
             # A run's rate swings by +-10% with the broker's disk writes: so, rounds of one run each (in
             # turn forward and backward), each run compared with the tutorial's of its round; medians shown.
             rates: dict[str, list[float]] = {name: [] for name in workers}
-            for round_number in range(rounds):
-                order = list(workers.items())
-                for name, cmd in order if round_number % 2 == 0 else reversed(order):
-                    rates[name].append(drain_rate(url, cmd, q, drain_n, tmp))
+            for name, cmd in alternating(workers, rounds):
+                rates[name].append(drain_rate(url, cmd, q, drain_n, tmp))
             times: dict[str, list[tuple[float, float]]] = {}
             if turnaround.can_capture():
                 print("Turnaround at prefetch 1 (packet capture on lo)...", file=sys.stderr)
                 port = urlsplit(url).port or 5672
-                pair = list(workers.items())[:2]  # the tutorial's and ours, both at prefetch 1
-                for round_number in range(max(1, rounds // 2)):
-                    for name, cmd in pair if round_number % 2 == 0 else reversed(pair):
-                        run = functools.partial(drain_rate, url, cmd, q, drain_n, tmp)
-                        times.setdefault(name, []).append(turnaround.turnarounds(port, run))
+                pair = dict(list(workers.items())[:2])  # the tutorial's and ours, both at prefetch 1
+                for name, cmd in alternating(pair, max(1, rounds // 2)):
+                    run = functools.partial(drain_rate, url, cmd, q, drain_n, tmp)
+                    times.setdefault(name, []).append(turnaround.turnarounds(port, run))
             else:
                 print("Turnaround: skipped (a packet capture needs root)", file=sys.stderr)
             print("Fair dispatch...", file=sys.stderr)
