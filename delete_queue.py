@@ -36,9 +36,17 @@ def main() -> int:
     args = make_argument_parser().parse_args()
     if args.purge and (args.if_empty or args.if_unused):
         raise workqueue.UsageError("--purge keeps the queue: it does not go with --if-empty or --if-unused")
-    url = workqueue.broker_urls(args.url)[0]
-    connection = workqueue.connect(workqueue.broker_urls(args.url), retry_for=2)
-    channel = connection.channel()
+    connection, url = workqueue.connect(workqueue.broker_urls(args.url), retry_for=2)
+    try:
+        return delete_or_purge(args, connection.channel(), url)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        raise workqueue.access_refused(error, url) or error from None
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def delete_or_purge(args: argparse.Namespace, channel, url: str) -> int:
 
     # queue_delete of a missing queue succeeds silently; a passive declare tells us it is missing.
     try:
@@ -51,7 +59,6 @@ def main() -> int:
     if args.purge:
         result = channel.queue_purge(queue=args.queue)
         print(f" [x] Purged {result.method.message_count} messages from '{args.queue}'")
-        connection.close()
         return workqueue.EXIT_OK
 
     # Quorum queues refuse the if-empty and if-unused flags (540 NOT_IMPLEMENTED),
@@ -66,7 +73,6 @@ def main() -> int:
         )
     result = channel.queue_delete(queue=args.queue)
     print(f" [x] Deleted queue '{args.queue}' ({result.method.message_count} messages dropped)")
-    connection.close()
     return workqueue.EXIT_OK
 
 

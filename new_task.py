@@ -59,7 +59,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--connect-timeout",
-        type=float,
+        type=workqueue.non_negative(float),
         default=10.0,
         metavar="S",
         help=f"seconds to keep trying to reach the broker at start ({RECONNECT_FOR:g} after a drop)",
@@ -77,69 +77,117 @@ def lines_of(stream) -> Iterator[bytes]:
             yield body
 
 
-class Publisher:
-    """Publishes messages over an asynchronous connection with many confirms outstanding.
+class Outbox:
+    """The messages to publish and those waiting for a confirm: pure bookkeeping, no I/O.
 
-    A blocking channel in confirm mode waits one round trip per message; here
-    up to CONFIRM_WINDOW messages are in flight and each confirm frees a slot.
-    If the connection drops, every message not yet confirmed is published
-    again on the next connection, so nothing is lost (a message in flight at
-    the drop may arrive twice).
+    A message is (body, times nacked). take() hands out the next one while fewer than `window`
+    wait for a confirm; each then waits under its delivery tag until the broker acks it (done)
+    or nacks it (sent again later, up to NACK_RETRIES times, then failed). When a connection
+    drops, every unconfirmed message goes back to the front of the line, to be sent again.
     """
 
-    def __init__(
-        self,
-        *,
-        urls,
-        queue,
-        queue_type,
-        persistent,
-        messages,
-        connect_timeout,
-        show_progress,
-    ):
+    def __init__(self, messages: Iterator[bytes], window: int = CONFIRM_WINDOW):
+        self.messages = messages
+        self.window = window
+        self.to_resend: deque[tuple[bytes, int]] = deque()  # unconfirmed at a drop, or nacked
+        self.unconfirmed: OrderedDict[int, tuple[bytes, int]] = OrderedDict()  # delivery tag -> message
+        self.last_tag = 0  # delivery tags count from 1 on each channel
+        self.source_done = False
+        self.published = self.confirmed = self.nacked = self.returned = self.resent = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.source_done and not self.to_resend and not self.unconfirmed
+
+    def take(self) -> bytes | None:
+        """The next body to publish, if the window has room; it then waits for its confirm."""
+        if len(self.unconfirmed) >= self.window:
+            return None
+        if self.to_resend:
+            message = self.to_resend.popleft()
+            self.resent += 1
+        else:
+            body = None if self.source_done else next(self.messages, None)
+            if body is None:
+                self.source_done = True
+                return None
+            message = (body, 0)
+        self.last_tag += 1
+        self.unconfirmed[self.last_tag] = message
+        self.published += 1
+        return message[0]
+
+    def settle(self, delivery_tag: int, multiple: bool, ack: bool) -> int:
+        """The broker acked or nacked one message, or all up to a tag; returns how many go again."""
+        if multiple:
+            settled = []
+            while self.unconfirmed and next(iter(self.unconfirmed)) <= delivery_tag:
+                settled.append(self.unconfirmed.popitem(last=False)[1])
+        else:
+            settled = [self.unconfirmed.pop(delivery_tag)] if delivery_tag in self.unconfirmed else []
+        if ack:
+            self.confirmed += len(settled)
+            return 0
+        again = [(body, nacks + 1) for body, nacks in settled if nacks < NACK_RETRIES]
+        self.nacked += len(settled) - len(again)  # refused every time: failed
+        self.to_resend.extend(again)
+        return len(again)
+
+    def connection_lost(self) -> int:
+        """Every unconfirmed message goes to the front of the line; returns how many."""
+        self.to_resend.extendleft(reversed(self.unconfirmed.values()))
+        self.unconfirmed.clear()
+        self.last_tag = 0
+        return len(self.to_resend)
+
+
+class Publisher:
+    """Publishes an Outbox over an asynchronous connection, many confirms outstanding, and reconnects.
+
+    A blocking channel in confirm mode waits one round trip per message; here up to
+    CONFIRM_WINDOW messages are in flight and each confirm frees a slot. If the connection
+    drops, every message not yet confirmed is published again on the next connection, so
+    nothing is lost (a message in flight at the drop may arrive twice). Each callback below
+    opens the next step; one that ends the connection stops the ioloop, and run() decides
+    what follows: done, a fatal error, or a reconnect after a pause.
+    """
+
+    def __init__(self, *, urls, queue, queue_type, persistent, outbox, connect_timeout, show_progress):
         self.urls = urls
         self.queue = queue
         self.queue_type = queue_type
         self.properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient
         )
-        self.messages = messages
+        self.outbox = outbox
         self.connect_timeout = connect_timeout
         self.show_progress = show_progress
-
-        # A message is (body, times nacked). After a cluster node is lost, a channel may nack every
-        # message for a quorum queue whose leader moved: a new connection, after a pause, gets through.
-        # We wait for the rest of the window's confirms first, so that no ack is thrown away.
-        self.to_resend: deque[tuple[bytes, int]] = deque()  # unconfirmed at a drop, or nacked
-        self.unconfirmed: OrderedDict[int, tuple[bytes, int]] = OrderedDict()  # delivery tag -> message
-        self.why_closed: str | None = None  # why we closed a connection before we were done
-        self.refused = False  # the broker nacked messages on this connection
-        self.warned_of_nacks = False
-        self.last_confirm = time.monotonic()
-        self.source_done = False
-        self.published = self.confirmed = self.nacked = self.returned = self.resent = 0
-        self.finished = False
-        self.fatal: workqueue.WorkQueueError | None = None
-        self.connection = self.channel = None
-        self.delivery_tag = 0
-        self.declared = False
-        self.opened = False
-        self.last_error = "no broker URL answered"
         self.started = time.monotonic()
+        self.warned_of_nacks = False
+        self.last_error = "no broker URL answered"
+        self.fatal: workqueue.WorkQueueError | None = None
+        # Of the current connection (run() resets them):
+        self.url = urls[0]
+        self.connection = self.channel = None
+        self.opened = False  # it got as far as open
+        self.declared = False  # the queue is declared: a 406 from now on is not about its arguments
+        self.nacked_here = False  # the broker nacked on it: publish nothing more there, reconnect
+        self.why_closing: str | None = None  # why we closed it before we were done
+        self.last_confirm = time.monotonic()
 
     def run(self) -> None:
         """Connect, publish everything, and come back when all is confirmed (or raise)."""
-        deadline = time.monotonic() + self.connect_timeout
         retry_for = self.connect_timeout
-        delay = 0.25
+        deadline = time.monotonic() + retry_for
+        backoff = workqueue.Backoff()
         attempt = 0
         while True:
-            url = self.urls[attempt % len(self.urls)]
+            self.url = self.urls[attempt % len(self.urls)]
             attempt += 1
-            self.opened = False
+            self.opened = self.declared = self.nacked_here = False
+            confirmed_before = self.outbox.confirmed
             self.connection = pika.SelectConnection(
-                workqueue.connection_parameters(url),
+                workqueue.connection_parameters(self.url),
                 on_open_callback=self.on_connection_open,
                 on_open_error_callback=self.on_connection_open_error,
                 on_close_callback=self.on_connection_closed,
@@ -147,50 +195,48 @@ class Publisher:
             self.connection.ioloop.start()  # runs until a callback stops it
             if self.fatal:
                 raise self.fatal
-            if self.finished:
+            if self.outbox.finished:
                 return
-            if self.opened:  # it was a drop, not a failed attempt: start a new retry window
+            if self.outbox.confirmed > confirmed_before:  # it got somewhere: a new retry window
                 retry_for = RECONNECT_FOR
                 deadline = time.monotonic() + retry_for
-                delay = delay if self.refused else 0.25  # the pause grows while the broker keeps nacking
-            elif time.monotonic() + delay > deadline and attempt % len(self.urls) == 0:
+                if not self.nacked_here:  # the pause keeps growing while the broker keeps nacking
+                    backoff.reset()
+            pause = backoff.next()
+            if time.monotonic() + pause > deadline and attempt % len(self.urls) == 0:
                 raise workqueue.BrokerUnreachable(f"{self.last_error} (gave up after {retry_for:g}s)")
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            time.sleep(pause)
 
     # Connection and channel: each step opens the next.
 
     def on_connection_open(self, connection):
         """Connected: open a channel."""
         self.opened = True
-        self.refused = False
         connection.channel(on_open_callback=self.on_channel_open)
 
     def on_connection_open_error(self, connection, error):
         """The broker did not let us in; run() tries again unless the login was refused."""
         if workqueue.is_login_refused(error):
-            self.fatal = workqueue.LoginRefused("login refused: wrong user, password or vhost")
-        self.last_error = f"cannot reach {workqueue.where(self.url_of(connection))}: {workqueue.describe(error)}"
+            self.fatal = workqueue.LoginRefused(
+                f"login refused by {workqueue.where(self.url)}: wrong user, password or vhost"
+            )
+        self.last_error = f"cannot reach {workqueue.where(self.url)}: {workqueue.describe(error)}"
         connection.ioloop.stop()
 
     def on_connection_closed(self, connection, reason):
         """Closed by us when done, or lost: then run() reconnects and sends the unconfirmed again."""
-        if not self.finished and not self.fatal:
-            self.to_resend.extendleft(reversed(self.unconfirmed.values()))
-            self.unconfirmed.clear()
-            if not self.refused:  # nacks were announced when they came
-                LOGGER.warning(
-                    "%s; reconnecting, %d unconfirmed message(s) will be sent again",
-                    self.why_closed or f"connection lost ({workqueue.describe(reason)})",
-                    len(self.to_resend),
-                )
-        self.why_closed = None
+        if not self.outbox.finished and not self.fatal:
+            again = self.outbox.connection_lost()
+            why = self.why_closing or f"connection lost ({workqueue.describe(reason)})"
+            self.last_error = f"{why} on {workqueue.where(self.url)}"
+            if not self.nacked_here:  # nacks were announced when they came
+                LOGGER.warning("%s; reconnecting, %d unconfirmed message(s) will be sent again", why, again)
+        self.why_closing = None
         connection.ioloop.stop()
 
     def on_channel_open(self, channel):
         """Channel open: declare the durable queue, exactly as worker.py does."""
         self.channel = channel
-        self.delivery_tag = 0
         channel.add_on_close_callback(self.on_channel_closed)
         channel.add_on_return_callback(self.on_returned)
         channel.queue_declare(
@@ -201,9 +247,11 @@ class Publisher:
         )
 
     def on_channel_closed(self, channel, reason):
-        """A 406 on declare means the queue exists with other arguments: fatal. Otherwise reconnect."""
-        if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 406 and not self.declared:
-            self.fatal = workqueue.queue_mismatch(self.queue, reason.reply_text)
+        """A 406 on declare (other arguments) or a 403 (permissions) is fatal; anything else: reconnect."""
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            if reason.reply_code == 406 and not self.declared:
+                self.fatal = workqueue.queue_mismatch(self.queue, reason.reply_text)
+            self.fatal = self.fatal or workqueue.access_refused(reason, self.url)
         if self.connection.is_open:
             self.connection.close()
 
@@ -224,93 +272,63 @@ class Publisher:
         """A broker that neither acks nor nacks (a queue stuck without a leader) gets another chance elsewhere."""
         if not self.connection.is_open:
             return
-        if self.unconfirmed and time.monotonic() - self.last_confirm > CONFIRM_TIMEOUT:
-            self.why_closed = f"no confirm from the broker for {CONFIRM_TIMEOUT:.0f}s"
+        if self.outbox.unconfirmed and time.monotonic() - self.last_confirm > CONFIRM_TIMEOUT:
+            self.why_closing = f"no confirm from the broker for {CONFIRM_TIMEOUT:.0f}s"
             self.connection.close()  # on_connection_closed arranges the reconnect and the resend
             return
         self.connection.ioloop.call_later(1.0, self.watch_confirms)
 
     # Publishing and confirms.
 
-    def next_message(self) -> tuple[bytes, int] | None:
-        if self.to_resend:
-            self.resent += 1
-            return self.to_resend.popleft()
-        if not self.source_done:
-            body = next(self.messages, None)
-            if body is not None:
-                return body, 0
-            self.source_done = True
-        return None
-
     def publish_more(self):
         """Fill the confirm window; close the connection once everything is confirmed."""
         if not self.channel.is_open:  # closing: the next connection takes over
             return
-        if self.refused:  # nacked: publish nothing more here; once the window settles, reconnect
-            if not self.unconfirmed and self.connection.is_open:
+        if self.nacked_here:  # publish nothing more here; once the window settles, reconnect
+            if not self.outbox.unconfirmed and self.connection.is_open:
                 self.connection.close()
             return
-        if not self.unconfirmed:
+        if not self.outbox.unconfirmed:
             self.last_confirm = time.monotonic()  # nothing was waiting: the confirm clock starts now
-        while len(self.unconfirmed) < CONFIRM_WINDOW:
-            message = self.next_message()
-            if message is None:
-                break
+        while (body := self.outbox.take()) is not None:
             self.channel.basic_publish(
                 exchange="",
                 routing_key=self.queue,
-                body=message[0],
+                body=body,
                 properties=self.properties,
                 mandatory=True,  # an unroutable message comes back instead of vanishing
             )
-            self.delivery_tag += 1
-            self.unconfirmed[self.delivery_tag] = message
-            self.published += 1
-        if self.source_done and not self.to_resend and not self.unconfirmed and not self.finished:
-            self.finished = True
+        if self.outbox.finished and self.connection.is_open:
             self.connection.close()
 
     def on_confirm(self, frame):
         """The broker confirmed (ack) or refused (nack) one message, or all up to a tag."""
         method = frame.method
         self.last_confirm = time.monotonic()
-        if method.multiple:
-            settled = []
-            while self.unconfirmed and next(iter(self.unconfirmed)) <= method.delivery_tag:
-                settled.append(self.unconfirmed.popitem(last=False)[1])
-        else:
-            settled = [self.unconfirmed.pop(method.delivery_tag)] if method.delivery_tag in self.unconfirmed else []
-        if isinstance(method, pika.spec.Basic.Ack):
-            self.confirmed += len(settled)
-            self.publish_more()
-            return
-        again = [(body, nacks + 1) for body, nacks in settled if nacks < NACK_RETRIES]
-        self.nacked += len(settled) - len(again)  # refused every time: failures
-        if again:
+        ack = isinstance(method, pika.spec.Basic.Ack)
+        if self.outbox.settle(method.delivery_tag, method.multiple, ack):
+            # After a cluster node is lost, a channel may nack every message for a quorum queue whose
+            # leader moved: a new connection, after a pause, gets through. The rest of the window's
+            # confirms come first, so that no ack is thrown away.
             if not self.warned_of_nacks:
                 LOGGER.warning("the broker refused (nacked) messages; sending them again on a new connection")
                 self.warned_of_nacks = True
-            self.to_resend.extend(again)
-            self.refused = True  # publish_more reconnects once the messages in flight are settled
+            self.nacked_here = True
         self.publish_more()
 
     def on_returned(self, _channel, _method, _properties, _body):
         """Unroutable: the queue was deleted under us. Its ack follows; count it as failed."""
-        self.returned += 1
+        self.outbox.returned += 1
 
     def print_progress(self):
-        if self.finished or not self.connection.is_open:
+        if self.outbox.finished or not self.connection.is_open:
             return
-        rate = self.confirmed / max(time.monotonic() - self.started, 1e-9)
-        sys.stderr.write(f"\r  {self.confirmed:,} confirmed, {len(self.unconfirmed):,} in flight ({rate:,.0f}/s)  ")
+        rate = self.outbox.confirmed / max(time.monotonic() - self.started, 1e-9)
+        sys.stderr.write(
+            f"\r  {self.outbox.confirmed:,} confirmed, {len(self.outbox.unconfirmed):,} in flight ({rate:,.0f}/s)  "
+        )
         sys.stderr.flush()
         self.connection.ioloop.call_later(0.5, self.print_progress)
-
-    def url_of(self, connection) -> str:
-        params = connection.params
-        scheme = "amqps" if params.ssl_options else "amqp"
-        return f"{scheme}://{params.host}:{params.port}/{params.virtual_host}"
 
 
 def main() -> int:
@@ -334,12 +352,13 @@ def main() -> int:
         message = " ".join(args.words) or "Hello World!"
         messages = iter([message.encode()])
 
+    outbox = Outbox(messages)
     publisher = Publisher(
         urls=urls,
         queue=args.queue,
         queue_type=args.queue_type,
         persistent=not args.transient,
-        messages=messages,
+        outbox=outbox,
         connect_timeout=args.connect_timeout,
         show_progress=bool(args.file) and sys.stderr.isatty(),
     )
@@ -348,16 +367,16 @@ def main() -> int:
     finally:
         if publisher.show_progress:
             sys.stderr.write("\r\033[K")
-    failed = publisher.nacked + publisher.returned
+    failed = outbox.nacked + outbox.returned
     if failed:
         raise workqueue.NotConfirmed(
-            f"{failed} of {publisher.published - publisher.resent} message(s) not taken by the broker "
-            f"({publisher.nacked} nacked, {publisher.returned} unroutable)"
+            f"{failed} of {outbox.published - outbox.resent} message(s) not taken by the broker "
+            f"({outbox.nacked} nacked, {outbox.returned} unroutable)"
         )
     if args.file:
-        print(f" [x] Sent {publisher.confirmed - publisher.returned:,} messages, all confirmed")
-        if publisher.resent:
-            print(f" [x] {publisher.resent:,} were sent again after a connection drop or a nack (possible duplicates)")
+        print(f" [x] Sent {outbox.confirmed - outbox.returned:,} messages, all confirmed")
+        if outbox.resent:
+            print(f" [x] {outbox.resent:,} were sent again after a connection drop or a nack (possible duplicates)")
     else:
         print(f" [x] Sent '{message}'")
     return workqueue.EXIT_OK

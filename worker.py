@@ -1,48 +1,56 @@
 #!/usr/bin/env python
-"""Take tasks from the work queue and do them, one at a time.
+"""Take tasks from the work queue and do them: one at a time, or --concurrency N at once.
 
 The default task sleeps one second per dot in the message (and fails when the
 message contains the word "error"); --task runs a function of yours instead.
 
 How it stays correct where the tutorial's worker is not:
-- the task runs in a thread of its own, so pika keeps answering heartbeats
-  during a long task; the ack goes back through add_callback_threadsafe
-  (a task done within 5 ms is acked from on_message, which waits for it);
-- a lost connection is reported and re-opened with capped backoff;
+- tasks run in a pool of threads, so pika keeps answering heartbeats during a
+  long task; only the connection's thread talks to the broker, and a delivery is
+  acked on the channel it came on or not at all;
+- a lost connection is reported and re-opened with capped backoff; deliveries of
+  the dead channel that had not started are dropped (the broker redelivers them);
 - a failed task is published again with its attempt count in a header, and
   after --max-retries it goes to the dead-letter queue <queue>.dlq;
-- Ctrl+C (or SIGTERM) finishes the current task first; a second one quits now.
+- Ctrl+C (or SIGTERM) starts no new task and finishes the running ones; a second
+  one quits at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import enum
 import faulthandler
 import functools
 import importlib
 import logging
 import os
-import queue
 import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pika
+from pika.adapters.blocking_connection import BlockingChannel
 
 import workqueue
 
 LOGGER = logging.getLogger("worker")
 
-QUICK_TASK_SECONDS = 0.005  # how long on_message waits for a task before it goes back to the connection
+QUICK_TASK_SECONDS = 0.005  # how long on_message waits for a lone task before going back to the connection
+STEADY_SECONDS = 10.0  # a connection that lived this long resets the reconnect backoff
 
 EXAMPLES = """\
 examples:
   python worker.py                          # one second of work per dot
   python worker.py --name w1                # label this worker's lines
+  python worker.py --concurrency 8          # up to 8 tasks at once (I/O-bound tasks)
   python worker.py --prefetch 0             # no limit: plain round-robin
   python worker.py --auto-ack               # the tutorial's first worker: a crash loses tasks
   python worker.py --task mytasks:resize    # call mytasks.resize(body) for each task
@@ -66,11 +74,18 @@ def make_argument_parser() -> argparse.ArgumentParser:
         help="label on every line this worker prints",
     )
     parser.add_argument(
-        "--prefetch",
-        type=non_negative(int),
+        "--concurrency",
+        type=workqueue.number(int, minimum=1),
         default=1,
         metavar="N",
-        help="unacknowledged tasks the broker may give this worker at once (0 = no limit)",
+        help="tasks run at once, each in a thread of its own; lines then name the thread: w1/2",
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=workqueue.non_negative(int),
+        metavar="N",
+        help="unacknowledged tasks the broker may give this worker at once; 0 = no limit "
+        "(default: the --concurrency value)",
     )
     parser.add_argument(
         "--auto-ack",
@@ -79,10 +94,10 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dot-seconds",
-        type=non_negative(float),
-        default=float(os.environ.get("DOT_SECONDS", "1")),
+        type=workqueue.non_negative(float),
+        default=os.environ.get("DOT_SECONDS", "1"),  # argparse checks a string default with `type` too
         metavar="S",
-        help="seconds of work per dot in the default task (env DOT_SECONDS)",
+        help="seconds of work per dot in the default task (env DOT_SECONDS; 1 if unset)",
     )
     parser.add_argument(
         "--task",
@@ -91,15 +106,20 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-retries",
-        type=non_negative(int),
+        type=workqueue.non_negative(int),
         default=3,
         metavar="N",
         help="times a failed task is tried again before it goes to the dead-letter queue <queue>.dlq",
     )
-    parser.add_argument("--max-tasks", type=non_negative(int), metavar="N", help="exit 0 after N tasks")
+    parser.add_argument(
+        "--max-tasks",
+        type=workqueue.non_negative(int),
+        metavar="N",
+        help="start exactly N tasks, finish them, and exit 0",
+    )
     parser.add_argument(
         "--connect-timeout",
-        type=non_negative(float),
+        type=workqueue.non_negative(float),
         default=30.0,
         metavar="S",
         help="seconds to keep trying to reach the broker at start (later losses: retried until stopped)",
@@ -107,20 +127,6 @@ def make_argument_parser() -> argparse.ArgumentParser:
     workqueue.add_connection_arguments(parser)
     workqueue.add_queue_arguments(parser)
     return parser
-
-
-def non_negative(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 # --- Tasks -----------------------------------------------------------------------
@@ -159,250 +165,331 @@ def load_task(spec: str) -> Callable[[bytes], object]:
     return function
 
 
-# --- The worker ------------------------------------------------------------------
+# --- One delivery, and what became of it ---------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: each delivery is one of a kind
 class Delivery:
-    """One task as it came from the broker, and the connection and channel that must ack it."""
+    """One task as it came from the broker, bound to the channel that must ack it."""
 
-    connection: pika.BlockingConnection
-    channel: pika.adapters.blocking_connection.BlockingChannel
+    channel: BlockingChannel
     delivery_tag: int
     body: bytes
     properties: pika.BasicProperties
     redelivered: bool
+    retries: int  # from the x-retries header
 
     @property
-    def retries(self) -> int:
-        return int((self.properties.headers or {}).get("x-retries", 0))
-
-    @property
-    def text(self) -> str:
-        text = self.body.decode("utf-8", errors="replace")
-        return text if len(text) <= 50 else text[:49] + "…"
+    def label(self) -> str:
+        return workqueue.printable(self.body, limit=50)
 
 
-Result = tuple[Delivery, str, Exception | None, float]  # the delivery, "done"/"failed"/"requeue", error, seconds
+def retries_of(properties: pika.BasicProperties) -> tuple[int, str | None]:
+    """(retries so far, a complaint if the x-retries header is not a count): any client can set it."""
+    value = (properties.headers or {}).get("x-retries", 0)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value, None
+    return 0, f"ignoring header x-retries={value!r}: not a count of retries"
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    FAILED = "failed"
+    NOT_STARTED = "not started"  # a warm shutdown began before a thread took it: it goes back
+
+
+class Result(NamedTuple):
+    outcome: Outcome
+    error: BaseException | None = None
+    seconds: float = 0.0
+    thread: int = 0  # which of the --concurrency threads ran it (1..N)
+
+
+class Console:
+    """Lines on stdout, one per event, whole even when several threads print at once."""
+
+    def __init__(self, name: str, show_threads: bool):
+        self.name = name
+        self.show_threads = show_threads
+        self.lock = threading.Lock()
+
+    def say(self, line: str, thread: int = 0) -> None:
+        label = f"{self.name}/{thread}" if self.show_threads and thread else self.name
+        text = workqueue.printable(f"{label} {line}") + "\n"  # a body's escape sequences stay inert
+        with self.lock:
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except (OSError, ValueError):  # stdout went away (a closed pipe): work on without it
+                pass
+
+
+# --- The task side: threads that run tasks and never touch the broker ----------------------
+
+
+class TaskPool:
+    """Runs tasks in up to N threads; each task's Result (or whatever it raised) is in its Future.
+
+    Shared with the connection's thread: `no_new_tasks`, an Event that the first signal sets;
+    from then on, no task starts. Its set() takes a lock that nothing else ever holds, so it is
+    safe in a signal handler. Results cross back only through Futures, which are thread-safe.
+    """
+
+    def __init__(self, task: Callable[[bytes], object], concurrency: int, console: Console, max_retries: int):
+        self.task = task
+        self.console = console
+        self.max_retries = max_retries
+        self.no_new_tasks = threading.Event()
+        self.thread_numbers = iter(range(1, concurrency + 1))
+        self.numbers_lock = threading.Lock()
+        self.local = threading.local()  # each thread's own number, for its lines
+        self.pool = futures.ThreadPoolExecutor(concurrency, thread_name_prefix="task", initializer=self.number_thread)
+
+    def number_thread(self) -> None:
+        with self.numbers_lock:
+            self.local.number = next(self.thread_numbers)
+
+    def submit(self, delivery: Delivery) -> futures.Future:
+        return self.pool.submit(self.run, delivery)
+
+    def run(self, delivery: Delivery) -> Result:
+        """In a task thread: run one task. What it raises is its result, never a dead thread."""
+        if self.no_new_tasks.is_set():
+            return Result(Outcome.NOT_STARTED)
+        thread = self.local.number
+        attempt = f" (attempt {delivery.retries + 1} of {self.max_retries + 1})" if delivery.retries else ""
+        again = " (redelivered)" if delivery.redelivered else ""
+        self.console.say(f"[x] Received '{delivery.label}'{attempt}{again}", thread)
+        started = time.monotonic()
+        try:
+            self.task(delivery.body)
+        except Exception as error:
+            return Result(Outcome.FAILED, error, time.monotonic() - started, thread)
+        return Result(Outcome.DONE, None, time.monotonic() - started, thread)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --- The connection side: consume, hand over, settle -------------------------------------
 
 
 class Worker:
-    def __init__(self, args: argparse.Namespace, task: Callable[[bytes], object]):
+    """Consumes deliveries, hands each to the TaskPool, and acks, retries or dead-letters it.
+
+    Everything here runs in the main thread, which owns the connection and its channel, and
+    owns `in_hand` and the flags below. A task thread only wakes this thread up, through
+    connection.add_callback_threadsafe (the one thread-safe call of a BlockingConnection).
+    """
+
+    def __init__(self, args: argparse.Namespace, tasks: TaskPool, console: Console):
         self.args = args
-        self.task = task
+        self.tasks = tasks
+        self.say = console.say
         self.dead_letter_queue = workqueue.dead_letter_queue(args.queue)
-        self.stopping = False  # set by the first signal, or after --max-tasks
+        self.stopping = False  # set by the first signal, or once --max-tasks tasks were started
         self.signalled = False
-        self.tasks_done = 0
-        self.output_lock = threading.Lock()
-
-        # The task thread takes deliveries from `todo`, and puts what happened in
-        # `results`; only the connection's thread (this one) talks to the broker.
-        self.todo: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
-        self.results: queue.SimpleQueue[Result] = queue.SimpleQueue()
-        self.current: Delivery | None = None
-        self.taking_tasks = True
-        self.handoff = threading.Lock()
-        self.waiting_in_callback = False  # on_message waits for a short task: no need to wake the loop
-        threading.Thread(target=self.run_tasks, name="task", daemon=True).start()
-
-    def say(self, line: str) -> None:
-        with self.output_lock:
-            sys.stdout.write(f"{self.args.name} {line}\n")
-            sys.stdout.flush()
-
-    # Connection: connect, consume, and reconnect after every loss.
+        self.started = 0  # tasks handed to the pool; --max-tasks counts these
+        # Delivered and not settled yet: on the current channel, or running still after their channel died.
+        self.in_hand: dict[Delivery, futures.Future] = {}
 
     def run(self) -> int:
+        """Connect, consume, and reconnect after every loss, until told to stop."""
         urls = workqueue.broker_urls(self.args.url)
         retry_for = self.args.connect_timeout
+        backoff = workqueue.Backoff()
         while not self.stopping:
-            connection = workqueue.connect(urls, retry_for, should_stop=lambda: self.stopping)
-            if connection is None:
+            connected = workqueue.connect(urls, retry_for, should_stop=lambda: self.stopping)
+            if connected is None:
                 break
+            connection, url = connected
             retry_for = None  # once connected, a later loss is retried until we are stopped
+            opened = time.monotonic()
             try:
                 self.consume(connection)
                 connection.close()
             except pika.exceptions.AMQPError as error:
+                refused = workqueue.access_refused(error, url)
+                if refused:
+                    raise refused from None  # a reconnect cannot cure missing permissions
                 if not workqueue.is_connection_lost(error):
                     raise
-                busy = " (the task in progress will be redelivered)" if self.current else ""
-                LOGGER.warning("connection lost: %s; reconnecting%s", workqueue.describe(error), busy)
+                self.drop_not_started()
+                running = len(self.in_hand) if not self.args.auto_ack else 0
+                LOGGER.warning("connection lost: %s; reconnecting%s", workqueue.describe(error), lost_acks(running))
                 if connection.is_open:
-                    connection.close()
-        self.wait_for_current_task()
+                    try:
+                        connection.close()
+                    except pika.exceptions.AMQPError:
+                        pass
+                if time.monotonic() - opened > STEADY_SECONDS:
+                    backoff.reset()
+                workqueue.sleep_unless(backoff.next(), lambda: self.stopping)  # never a tight loop
+        self.finish_orphans()
         return workqueue.EXIT_OK
 
     def consume(self, connection: pika.BlockingConnection) -> None:
-        """Declare the queues and take tasks until told to stop."""
+        """Declare the queues, take tasks until told to stop, then settle the running ones."""
         channel = connection.channel()
         channel.basic_qos(prefetch_count=self.args.prefetch)  # at most N unacked tasks at this worker
         channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
-        self.handle_results()  # tasks finished while we were disconnected: report their lost acks
-        self.check_for_stop(channel)
+        self.settle_finished()  # tasks of an earlier connection that ended meanwhile: report their lost acks
+        self.tick(channel)
         while True:
             for name in (self.args.queue, self.dead_letter_queue):
                 channel.queue_declare(
                     queue=name, durable=True, arguments=workqueue.queue_arguments(self.args.queue_type)
                 )
+            if self.stopping:
+                break
             channel.basic_consume(
                 queue=self.args.queue,
-                on_message_callback=functools.partial(self.on_message, connection),
+                on_message_callback=self.on_message,
                 auto_ack=self.args.auto_ack,
             )
             self.say("[*] Waiting for messages. To exit press CTRL+C")
-            channel.start_consuming()  # until stop_consuming(), or the broker cancels our consumer
+            channel.start_consuming()  # until our consumer is cancelled, by us or by the broker
             if self.stopping:
                 break
             LOGGER.warning(
                 "the broker cancelled our consumer (was queue '%s' deleted?): declaring it again", self.args.queue
             )
-        while self.current or not self.todo.empty() or not self.results.empty():
-            connection.process_data_events(time_limit=0.25)  # the current task's ack goes out here
-            self.handle_results()
+        while self.in_hand:  # warm shutdown: the running tasks' acks go out here
+            connection.process_data_events(time_limit=0.25)
+            self.settle_finished()
 
-    def check_for_stop(self, channel) -> None:
-        """Every 0.2 s, in the connection's thread: act on a signal (its handler only sets a flag)."""
-        if self.stopping:
+    def on_message(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
+        """A task arrived: hand it to a task thread (or straight back, if we are stopping)."""
+        retries, complaint = retries_of(properties)
+        delivery = Delivery(channel, method.delivery_tag, body, properties, method.redelivered, retries)
+        if complaint:
+            LOGGER.warning("%s (task '%s')", complaint, delivery.label)
+        if self.stopping and not self.args.auto_ack:  # auto-acked tasks are ours alone: do them
+            channel.basic_nack(delivery.delivery_tag, requeue=True)  # back to the queue, untouched
+            return
+        future = self.tasks.submit(delivery)
+        self.in_hand[delivery] = future
+        self.started += 1
+        if self.args.max_tasks is not None and self.started >= self.args.max_tasks:
             self.stop_taking_tasks(channel)
+        if len(self.in_hand) == 1:
+            # Most tasks of a work queue are short: wait a moment, and a lone quick task is acked
+            # from here at once, without waking the connection's loop from the task thread.
+            futures.wait([future], timeout=QUICK_TASK_SECONDS)
+        if future.done():
+            self.settle_finished()
         else:
-            channel.connection.call_later(0.2, functools.partial(self.check_for_stop, channel))
+            future.add_done_callback(functools.partial(self.wake, channel.connection))
 
-    def stop_taking_tasks(self, channel) -> None:
-        """Cancel the consumer, give back the tasks not started; the current one still gets finished."""
-        self.stopping = True
-        if self.current and self.signalled:
-            self.say(f"[*] Finishing '{self.current.text}' first (press CTRL+C again to quit now)")
-        if channel.consumer_tags:
-            channel.stop_consuming()  # pika also requeues deliveries it has not handed to us yet
-        if not self.args.auto_ack:  # auto-acked tasks are ours alone: do them rather than lose them
-            with self.handoff:
-                self.taking_tasks = False
-                while not self.todo.empty():
-                    channel.basic_nack(self.todo.get().delivery_tag, requeue=True)
-
-    def wait_for_current_task(self) -> None:
-        """After a lost connection the task still runs: let it end (its ack is lost anyway)."""
-        while self.current:
-            time.sleep(0.1)
-        while not self.results.empty():
-            self.report_lost_ack(self.results.get()[0])
-
-    def on_message(self, connection, channel, method, properties, body) -> None:
-        """A task arrived: hand it to the task thread, and give it a moment to finish.
-
-        Most tasks of a work queue are short: when this one ends within QUICK_TASK_SECONDS, its ack
-        goes out from here at once, and the connection's loop need not be woken from the task thread.
-        """
-        with self.handoff:
-            self.waiting_in_callback = True
-        self.todo.put(Delivery(connection, channel, method.delivery_tag, body, properties, method.redelivered))
+    def wake(self, connection: pika.BlockingConnection, _future: futures.Future) -> None:
+        """In a task thread, as its task ends: ask the connection's thread to settle it."""
         try:
-            finished = self.results.get(timeout=QUICK_TASK_SECONDS)
-        except queue.Empty:
-            finished = None
-        with self.handoff:
-            self.waiting_in_callback = False
-        if finished:
-            self.handle_result(*finished)
-        self.handle_results()
+            connection.add_callback_threadsafe(self.settle_finished)
+        except pika.exceptions.ConnectionWrongStateError:
+            pass  # that connection is gone: tick() or finish_orphans() reports the lost ack
 
-    # The task thread.
+    def tick(self, channel: BlockingChannel) -> None:
+        """Every 0.2 s, in the connection's thread: act on a signal (its handler only sets flags),
+        and settle tasks whose wake-up could not reach us because their connection had died."""
+        if not channel.is_open:
+            return
+        self.settle_finished()
+        if self.stopping and channel.consumer_tags:
+            self.stop_taking_tasks(channel)
+        channel.connection.call_later(0.2, functools.partial(self.tick, channel))
 
-    def run_tasks(self) -> None:
-        while True:
-            delivery = self.todo.get()
-            with self.handoff:
-                if not self.taking_tasks:
-                    self.results.put((delivery, "requeue", None, 0.0))
-                    continue
-                self.current = delivery
-            attempt = f" (attempt {delivery.retries + 1} of {self.args.max_retries + 1})" if delivery.retries else ""
-            again = " (redelivered)" if delivery.redelivered else ""
-            self.say(f"[x] Received '{delivery.text}'{attempt}{again}")
-            started = time.monotonic()
-            try:
-                self.task(delivery.body)
-                error = None
-            except Exception as failure:
-                error = failure
-            with self.handoff:
-                self.results.put((delivery, "failed" if error else "done", error, time.monotonic() - started))
-                self.current = None
-                if self.waiting_in_callback:
-                    continue  # on_message is waiting, and handles the result itself
-            try:
-                # The only thread-safe call on a connection: run handle_results in its thread, now.
-                delivery.connection.add_callback_threadsafe(self.handle_results)
-            except pika.exceptions.ConnectionWrongStateError:
-                pass  # connection gone: the main loop reports it
+    def stop_taking_tasks(self, channel: BlockingChannel) -> None:
+        """Cancel the consumer: no more deliveries. After a signal, also give back every task that
+        has not started; after --max-tasks, the tasks taken are all run."""
+        self.stopping = True
+        if self.tasks.no_new_tasks.is_set():  # set by the signal (never with --auto-ack)
+            for delivery, future in list(self.in_hand.items()):
+                if future.cancel():  # still waiting for a thread: it goes back untouched
+                    del self.in_hand[delivery]
+                    if delivery.channel.is_open:
+                        delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
+        if self.signalled and self.in_hand:
+            running = workqueue.plural(len(self.in_hand), "running task")
+            self.say(f"[*] Finishing {running} first (press CTRL+C again to quit now)")
+        for tag in list(channel.consumer_tags):
+            # pika nacks (requeues) deliveries it had not handed to on_message yet; an auto-ack
+            # consumer's come back to us instead: they are ours alone, so do them.
+            for method, properties, body in channel.basic_cancel(tag):
+                self.on_message(channel, method, properties, body)
+
+    def drop_not_started(self) -> None:
+        """The channel died: its deliveries still waiting for a thread must not run (the broker has
+        requeued them), and nothing of that channel may be acked on the next one."""
+        if self.args.auto_ack:
+            return  # auto-acked tasks are ours alone: do them rather than lose them
+        for delivery, future in list(self.in_hand.items()):
+            if future.cancel():
+                del self.in_hand[delivery]
+
+    def finish_orphans(self) -> None:
+        """Leaving while disconnected: let the running tasks end (their acks are lost), then go."""
+        futures.wait(list(self.in_hand.values()))
+        self.settle_finished()
 
     # Back in the connection's thread: ack, retry or dead-letter.
 
-    def handle_results(self) -> None:
-        while not self.results.empty():
-            self.handle_result(*self.results.get())
+    def settle_finished(self) -> None:
+        for delivery, future in list(self.in_hand.items()):
+            if future.done():
+                del self.in_hand[delivery]
+                self.settle(delivery, future)
 
-    def handle_result(self, delivery: Delivery, outcome: str, error: Exception | None, seconds: float) -> None:
-        if not delivery.channel.is_open:
-            self.report_lost_ack(delivery)
-        elif outcome == "requeue":
-            delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
+    def settle(self, delivery: Delivery, future: futures.Future) -> None:
+        try:
+            result = future.result()
+        except BaseException as error:  # raised around the task (printing its line, say): it failed
+            result = Result(Outcome.FAILED, error)
+        channel = delivery.channel  # its own channel, never another: delivery tags are per channel
+        if result.outcome is Outcome.NOT_STARTED:
+            if channel.is_open:
+                channel.basic_nack(delivery.delivery_tag, requeue=True)
         elif self.args.auto_ack:
             self.say(
-                f"[x] Done '{delivery.text}' in {seconds:.1f}s"
-                if not error
-                else f"[!] Failed '{delivery.text}': {error} (auto-ack: the task is lost)"
+                f"[x] Done '{delivery.label}' in {result.seconds:.1f}s"
+                if result.outcome is Outcome.DONE
+                else f"[!] Failed '{delivery.label}': {reason(result.error)} (auto-ack: the task is lost)",
+                result.thread,
             )
-            self.count_task(delivery.channel)
-        elif error is None:
-            delivery.channel.basic_ack(delivery.delivery_tag)
-            self.say(f"[x] Done '{delivery.text}' in {seconds:.1f}s")
-            self.count_task(delivery.channel)
+        elif not channel.is_open:
+            self.say(
+                f"[!] Could not ack '{delivery.label}': its connection is gone; the broker will redeliver it",
+                result.thread,
+            )
+        elif result.outcome is Outcome.DONE:
+            channel.basic_ack(delivery.delivery_tag)
+            self.say(f"[x] Done '{delivery.label}' in {result.seconds:.1f}s", result.thread)
         else:
-            self.retry_or_dead_letter(delivery, error)
-            self.count_task(delivery.channel)
+            self.retry_or_dead_letter(delivery, result)
 
-    def retry_or_dead_letter(self, delivery: Delivery, error: Exception) -> None:
+    def retry_or_dead_letter(self, delivery: Delivery, result: Result) -> None:
         """Publish the failed task again (to the back of the queue) or to the DLQ, confirmed, then ack it."""
-        reason = f"{type(error).__name__}: {error}"[:200]
+        why = reason(result.error)
         headers = dict(delivery.properties.headers or {})
         if delivery.retries < self.args.max_retries:
             headers["x-retries"] = delivery.retries + 1
-            target, what = (
-                self.args.queue,
-                f"retry {delivery.retries + 1} of {self.args.max_retries}",
-            )
+            target, what = self.args.queue, f"retry {delivery.retries + 1} of {self.args.max_retries}"
         else:
-            headers.update({"x-error": reason, "x-original-queue": self.args.queue})
+            headers.update({"x-error": why, "x-original-queue": self.args.queue})
             target, what = self.dead_letter_queue, f"moved to {self.dead_letter_queue}"
-        properties = pika.BasicProperties(
-            delivery_mode=delivery.properties.delivery_mode or pika.DeliveryMode.Persistent,
-            headers=headers,
-        )
         try:
             delivery.channel.basic_publish(
                 exchange="",
                 routing_key=target,
                 body=delivery.body,
-                properties=properties,
+                properties=republished(delivery.properties, headers),
                 mandatory=True,
             )
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
             delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
-            self.say(f"[!] Failed '{delivery.text}': {reason}; could not publish to {target}, requeued")
+            self.say(f"[!] Failed '{delivery.label}': {why}; could not publish to {target}, requeued", result.thread)
             return
         delivery.channel.basic_ack(delivery.delivery_tag)
-        self.say(f"[!] Failed '{delivery.text}': {reason}; {what}")
-
-    def report_lost_ack(self, delivery: Delivery) -> None:
-        self.say(f"[!] Could not ack '{delivery.text}': its connection is gone; the broker will redeliver it")
-
-    def count_task(self, channel) -> None:
-        self.tasks_done += 1
-        if self.args.max_tasks is not None and self.tasks_done >= self.args.max_tasks and not self.stopping:
-            self.stop_taking_tasks(channel)  # now, before the broker's next delivery is started
+        self.say(f"[!] Failed '{delivery.label}': {why}; {what}", result.thread)
 
     # Signals: the first asks for a warm shutdown, the second quits at once.
 
@@ -414,22 +501,61 @@ class Worker:
             )
             os._exit(128 + signum)
         self.stopping = self.signalled = True
+        if not self.args.auto_ack:
+            self.tasks.no_new_tasks.set()  # from now on no task starts; tick() cancels the consumer
         os.write(1, f"{self.args.name} [*] Warm shutdown: taking no new tasks\n".encode())
+
+
+def lost_acks(running: int) -> str:
+    if not running:
+        return ""
+    if running == 1:
+        return " (1 task still running: its ack is lost, so the broker will redeliver it if it kept it)"
+    return f" ({running} tasks still running: their acks are lost, so the broker will redeliver them if it kept them)"
+
+
+def reason(error: BaseException | None) -> str:
+    """What a failed task's error says, for its line and its x-error header."""
+    return f"{type(error).__name__}: {error}"[:200]
+
+
+def republished(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
+    """The task's own properties (message_id, correlation_id, content_type...) with new headers."""
+    properties = copy.copy(properties)
+    properties.headers = headers
+    properties.delivery_mode = properties.delivery_mode or pika.DeliveryMode.Persistent
+    if properties.user_id is not None:
+        # The broker refuses a user_id other than the publisher's own: keep it as a header instead.
+        headers.setdefault("x-user-id", properties.user_id)
+        properties.user_id = None
+    return properties
 
 
 def main() -> int:
     args = make_argument_parser().parse_args()
     workqueue.setup_logging(args.name)
+    if args.auto_ack and args.max_tasks is not None:
+        raise workqueue.UsageError(
+            "--max-tasks cannot be exact with --auto-ack: the broker hands an auto-ack consumer every "
+            "waiting task at once, and a task it handed over cannot go back"
+        )
+    if args.prefetch is None:
+        args.prefetch = args.concurrency
     for url in workqueue.broker_urls(args.url):
         workqueue.connection_parameters(url)  # a bad URL is a usage error, before connecting
     task = load_task(args.task) if args.task else dot_task(args.dot_seconds)
     if args.auto_ack:
         LOGGER.warning("auto-ack: the broker forgets each task when it is delivered; a crash loses it")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where is each thread stuck?
-    worker = Worker(args, task)
+    console = Console(args.name, show_threads=args.concurrency > 1)
+    tasks = TaskPool(task, args.concurrency, console, args.max_retries)
+    worker = Worker(args, tasks, console)
     signal.signal(signal.SIGINT, worker.on_signal)
     signal.signal(signal.SIGTERM, worker.on_signal)
-    return worker.run()
+    try:
+        return worker.run()
+    finally:
+        tasks.shutdown()  # on an error too: tasks not started are dropped (their channel is gone)
 
 
 if __name__ == "__main__":

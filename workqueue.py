@@ -39,6 +39,7 @@ EXIT_QUEUE_MISMATCH = 5
 EXIT_NOT_CONFIRMED = 6
 EXIT_NO_SUCH_QUEUE = 7
 EXIT_QUEUE_IN_USE = 8
+EXIT_ACCESS_REFUSED = 9
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -47,6 +48,7 @@ exit codes:
   2  bad usage                   6  broker did not confirm a message
   3  broker unreachable          7  no such queue (delete_queue.py)
                                  8  queue not empty / in use (delete_queue.py)
+                                 9  access refused (the user's permissions)
 """
 
 
@@ -69,6 +71,10 @@ class BrokerUnreachable(WorkQueueError):
 
 class LoginRefused(WorkQueueError):
     exit_code = EXIT_LOGIN_REFUSED
+
+
+class AccessRefused(WorkQueueError):
+    exit_code = EXIT_ACCESS_REFUSED
 
 
 class QueueMismatch(WorkQueueError):
@@ -106,9 +112,20 @@ def mismatch_from(error: BaseException) -> QueueMismatch | None:
     return None
 
 
+def access_refused(error: BaseException, url: str | None = None) -> AccessRefused | None:
+    """An AccessRefused if the broker closed a channel with 403: the user lacks a permission on the queue."""
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker) and error.reply_code == 403:
+        on = f" by {where(url)}" if url else ""
+        return AccessRefused(
+            f"access refused{on}: {error.reply_text}; "
+            f"see the user's permissions with: rabbitmqctl list_permissions -p {vhost_of(url) if url else '/'}"
+        )
+    return None
+
+
 def is_connection_lost(error: BaseException) -> bool:
     """A lost connection or channel, after which reconnecting may help."""
-    if is_login_refused(error) or mismatch_from(error):
+    if is_login_refused(error) or mismatch_from(error) or access_refused(error):
         return False
     return isinstance(
         error,
@@ -154,6 +171,27 @@ def describe(error: BaseException) -> str:
     return redact_text(text)
 
 
+def printable(data: bytes | str, limit: int | None = None) -> str:
+    """Text that is safe on a terminal: control characters escaped as repr() does, cut to `limit`.
+
+    Bodies, headers and error texts come from other programs; printed raw, an escape
+    sequence in them could clear or retitle the terminal of whoever watches the worker.
+    """
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    if limit is not None:
+        text = text[: limit * 4]  # escaping only lengthens: no need to look further
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 task', '2 tasks', '1,000 messages'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 # --- URLs and connection parameters -------------------------------------------
 
 
@@ -195,20 +233,40 @@ def connection_parameters(url: str) -> pika.URLParameters:
     return parameters
 
 
+def vhost_of(url: str) -> str:
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
 def where(url: str) -> str:
     """host:port/vhost of a URL, for messages."""
     parts = urlsplit(url)
-    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-    return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)} vhost '{vhost}'"
+    return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)} vhost '{vhost_of(url)}'"
+
+
+class Backoff:
+    """Pauses between attempts: 0.25 s, doubling up to 5 s; reset() once an attempt went well."""
+
+    FIRST, LONGEST = 0.25, 5.0
+
+    def __init__(self) -> None:
+        self.pause = self.FIRST
+
+    def next(self) -> float:
+        pause, self.pause = self.pause, min(self.pause * 2, self.LONGEST)
+        return pause
+
+    def reset(self) -> None:
+        self.pause = self.FIRST
 
 
 def connect(
     urls: list[str],
-    retry_for: float,
+    retry_for: float | None,
     should_stop: Callable[[], bool] = lambda: False,
     announce: Callable[[str], None] = LOGGER.warning,
-) -> pika.BlockingConnection | None:
-    """Open a BlockingConnection to the first URL that answers.
+) -> tuple[pika.BlockingConnection, str] | None:
+    """Open a BlockingConnection to the first URL that answers: (connection, its URL).
 
     Keeps trying the URLs in turn, with capped exponential backoff, for
     ``retry_for`` seconds (``None``: until ``should_stop()``), then raises
@@ -216,26 +274,26 @@ def connect(
     Returns None if ``should_stop()`` became true while waiting.
     """
     deadline = None if retry_for is None else time.monotonic() + retry_for
-    delay = 0.25
+    backoff = Backoff()
     announced = False
     while True:
         for url in urls:
             try:
-                return pika.BlockingConnection(connection_parameters(url))
+                return pika.BlockingConnection(connection_parameters(url)), url
             except pika.exceptions.AMQPError as error:
                 if is_login_refused(error):
                     raise LoginRefused(f"login refused by {where(url)}: wrong user, password or vhost") from None
                 reason = f"cannot reach {where(url)}: {describe(error)}"
             except (OSError, ssl.SSLError) as error:  # TLS handshake, DNS
                 reason = f"cannot reach {where(url)}: {describe(error)}"
-        if deadline is not None and time.monotonic() + delay > deadline:
+        pause = backoff.next()
+        if deadline is not None and time.monotonic() + pause > deadline:
             raise BrokerUnreachable(f"{reason} (gave up after {retry_for:g}s)")
         if not announced and (retry_for is None or retry_for > 5):  # say why we wait, if it may be long
             announce(f"{reason}; retrying" + (f" for up to {retry_for:g}s" if retry_for else ""))
             announced = True
-        if not sleep_unless(delay, should_stop):
+        if not sleep_unless(pause, should_stop):
             return None
-        delay = min(delay * 2, 5.0)
 
 
 def sleep_unless(seconds: float, should_stop: Callable[[], bool]) -> bool:
@@ -273,6 +331,26 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def number(kind: Callable[[str], float], minimum: float = 0) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` (int or float), at least `minimum`, finite."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not minimum <= value < float("inf"):  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more: {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
+    return number(kind, minimum=0)
+
+
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
@@ -294,10 +372,17 @@ def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class PrintableFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def setup_logging(label: str = "") -> None:
     """Warnings and errors on stderr, one line each, labelled like the script's output."""
     prefix = f"{label} " if label else ""
-    logging.basicConfig(level=logging.INFO, format=f"{prefix}[!] %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter(f"{prefix}[!] %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # we report connection trouble ourselves
 
 
@@ -307,11 +392,11 @@ def run(main: Callable[[], int]) -> None:
     try:
         code = main()
     except pika.exceptions.ChannelClosedByBroker as error:
-        mismatch = mismatch_from(error)
-        print(f"{prog}: error: {describe(mismatch or error)}", file=sys.stderr)
-        code = mismatch.exit_code if mismatch else EXIT_UNEXPECTED
+        known = mismatch_from(error) or access_refused(error)
+        print(f"{prog}: error: {printable(describe(known or error))}", file=sys.stderr)
+        code = known.exit_code if known else EXIT_UNEXPECTED
     except WorkQueueError as error:
-        print(f"{prog}: error: {redact_text(str(error))}", file=sys.stderr)
+        print(f"{prog}: error: {printable(redact_text(str(error)))}", file=sys.stderr)
         code = error.exit_code
     except pika.exceptions.AMQPConnectionError as error:
         if is_login_refused(error):
@@ -321,13 +406,13 @@ def run(main: Callable[[], int]) -> None:
             )
             code = EXIT_LOGIN_REFUSED
         else:
-            print(f"{prog}: error: lost the broker: {describe(error)}", file=sys.stderr)
+            print(f"{prog}: error: lost the broker: {printable(describe(error))}", file=sys.stderr)
             code = EXIT_UNREACHABLE
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
     except Exception as error:
         print(
-            f"{prog}: unexpected error: {type(error).__name__}: {describe(error)}",
+            f"{prog}: unexpected error: {type(error).__name__}: {printable(describe(error))}",
             file=sys.stderr,
         )
         code = EXIT_UNEXPECTED

@@ -73,7 +73,7 @@ def test_worker_reconnects_after_the_connection_is_cut(env, queue, start, broker
     worker.wait_for(r"Received 'cut")
     proxy.cut()
 
-    worker.wait_for(r"connection lost: .*; reconnecting \(the task in progress will be redelivered\)")
+    worker.wait_for(r"connection lost: .*; reconnecting \(1 task still running: its ack is lost")
     worker.wait_for(r"Could not ack 'cut\.\.\.': its connection is gone")
     worker.wait_for(r"Received 'cut\.\.\.' \(redelivered\)")
     worker.wait_for(r"Done 'cut\.\.\.'")

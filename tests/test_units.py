@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pika
 import pytest
@@ -11,6 +16,8 @@ import bench
 import workqueue
 from new_task import lines_of
 from worker import TaskFailed, dot_task
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -88,3 +95,36 @@ def test_ideal_makespan_is_the_greedy_schedule():
     # Workers free at 0,0: tasks 4,1,1,1 -> w1: 4; w2: 1,1,1 -> 3. Makespan 4.
     assert bench.ideal_makespan([4, 1, 1, 1], workers=2, dot_seconds=1) == 4
     assert bench.ideal_makespan([1, 1, 1, 1], workers=2, dot_seconds=0.5) == 1
+
+
+def find_python(version: str) -> str | None:
+    """pythonX.Y on PATH, or one that pyenv installed (its shims answer only for the active version)."""
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [
+        shutil.which(f"python{version}"),
+        *sorted(pyenv_root.glob(f"versions/{version}.*/bin/python{version}")),
+    ]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "--version"], capture_output=True, check=False).returncode == 0:
+            return str(candidate)
+    return None
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.10", "3.11", "3.12", "3.13"])
+def test_the_scripts_import_on_every_python_that_pyproject_claims(version):
+    """requires-python says 3.9 and later: import every script on each of those Pythons found here."""
+    python = find_python(version)
+    if python is None:
+        pytest.skip(f"python{version} is not installed here")
+    pika_dir = str(Path(pika.__file__).parent.parent)  # pika is pure Python: one copy serves every version
+    result = subprocess.run(
+        [python, "-c", "import workqueue, worker, new_task, delete_queue, local_broker, exercises"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{pika_dir}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'requires-python = ">=3\.9"', (ROOT / "pyproject.toml").read_text())

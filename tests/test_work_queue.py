@@ -296,3 +296,33 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:  # EIO: the other side closed
         return b""
+
+
+@pytest.fixture
+def limited_user(broker):
+    """A user that may write but neither configure nor read: declaring the queue is refused (403)."""
+    broker.rabbitmqctl("add_user", "limited", "s3cret")
+    broker.rabbitmqctl("set_permissions", "-p", "/", "limited", "^$", ".*", "^$")
+    yield f"amqp://limited:s3cret@127.0.0.1:{broker.port}/%2F"
+    broker.rabbitmqctl("delete_user", "limited")
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("worker.py", ()),
+        ("new_task.py", ("one task",)),
+        ("new_task.py", ("--file", "-")),
+        ("delete_queue.py", ()),
+    ],
+)
+def test_access_refused_is_one_line_and_exit_9_not_a_reconnect_loop(env, queue, limited_user, script, args):
+    queue_args = () if script == "delete_queue.py" else ("--queue", queue)
+    positional = (queue,) if script == "delete_queue.py" else ()
+    if script == "delete_queue.py":
+        publish(env, queue, "exists")  # so that the refusal is about permissions, not a missing queue
+    result = run_script(
+        script, *positional, *queue_args, "--url", limited_user, *args, env=env, timeout=30, stdin="a\n"
+    )
+    assert_one_line_error(result, 9, "access refused", "rabbitmqctl list_permissions -p /")
+    assert f"127.0.0.1:{limited_user.split(':')[-1].split('/')[0]} vhost '/'" in result.stderr
