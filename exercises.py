@@ -88,19 +88,21 @@ class Worker:
         self.proc.wait(timeout=120)
         self.reader.join(timeout=5)
 
-    def spans(self) -> list[tuple[float, float | None, str, bool]]:
-        """(start, end or None if never finished, task, redelivered) for each task it started.
+    def spans(self) -> list[tuple[float, float | None, str, bool, str]]:
+        """(start, end or None if never finished, task, redelivered, thread) for each task it started.
 
-        The task thread prints Received as it starts a task, the connection's
-        thread prints Done after the ack, so lines of two tasks can interleave."""
+        A task thread prints Received as it starts a task, the connection's thread prints Done
+        after the ack, so lines of two tasks can interleave. With --concurrency the lines name
+        the thread (w1/2): each thread gets a row of its own in the timeline."""
         spans, running = [], {}
         for at, line in self.events:
+            thread = line.split(" ", 1)[0]
             if m := re.search(r"\[x\] Received '([^']*)'(.*)", line):
-                running[m[1]] = (at, "redelivered" in m[2])
+                running[m[1]] = (at, "redelivered" in m[2], thread)
             elif (m := re.search(r"\[(?:x|!)\] (?:Done|Failed) '([^']*)'", line)) and m[1] in running:
-                start, again = running.pop(m[1])
-                spans.append((start, at, m[1], again))
-        spans += [(start, None, task, again) for task, (start, again) in running.items()]
+                start, again, thread = running.pop(m[1])
+                spans.append((start, at, m[1], again, thread))
+        spans += [(start, None, task, again, thread) for task, (start, again, thread) in running.items()]
         return sorted(spans)
 
     def done(self) -> list[str]:
@@ -170,7 +172,7 @@ class Lab:
         """Until the living workers have nothing left to do and the queue is empty."""
         deadline = time.monotonic() + timeout
         while True:
-            busy = any(w.proc.poll() is None and w.spans() and w.spans()[-1][1] is None for w in self.workers)
+            busy = any(w.proc.poll() is None and any(s[1] is None for s in w.spans()) for w in self.workers)
             if not busy and (self.counts() or (0, 0))[0] == 0:
                 return
             if time.monotonic() > deadline:
@@ -227,23 +229,27 @@ def timeline(lab: Lab, width: int = 64) -> str:
     letter = {t: chr(ord("A") + i % 26) for i, t in enumerate(tasks)}
     end = max([lab.now()] + [w.killed_at or 0 for w in lab.workers]) or 1.0
     colour = use_colour()
+    label_width = max([3] + [len(span[4]) for worker in lab.workers for span in worker.spans()])
     rows = []
     for worker in lab.workers:
-        cells = [" "] * width
-        for start, stop, task, again in worker.spans():
-            first = int(start / end * (width - 1))
-            last = int((stop if stop is not None else worker.killed_at or end) / end * (width - 1))
-            mark = letter.get(task, "?")
-            mark = mark.lower() if again else mark
-            for col in range(first, max(last, first + 1)):
-                cell = mark if stop is not None else "?"
-                if colour:
-                    cell = f"\033[{COLOURS[tasks.index(task) % len(COLOURS)] if task in tasks else 0}m{cell}\033[0m"
-                cells[col] = cell
-        if worker.killed_at is not None:
-            cells[min(int(worker.killed_at / end * (width - 1)), width - 1)] = "X"
-        rows.append(f"  {worker.name:>3} |{''.join(cells)}|")
-    ticks = f"  {'':>3}  0s{'':{width - 10}}{end:6.1f}s"
+        threads = sorted({span[4] for span in worker.spans()}) or [worker.name]
+        for thread in threads:  # one row per worker, or per thread of a worker with --concurrency
+            cells = [" "] * width
+            for start, stop, task, again, _ in (span for span in worker.spans() if span[4] == thread):
+                first = int(start / end * (width - 1))
+                last = int((stop if stop is not None else worker.killed_at or end) / end * (width - 1))
+                mark = letter.get(task, "?")
+                mark = mark.lower() if again else mark
+                for col in range(first, max(last, first + 1)):
+                    cell = mark if stop is not None else "?"
+                    if colour:
+                        code = COLOURS[tasks.index(task) % len(COLOURS)] if task in tasks else 0
+                        cell = f"\033[{code}m{cell}\033[0m"
+                    cells[col] = cell
+            if worker.killed_at is not None:
+                cells[min(int(worker.killed_at / end * (width - 1)), width - 1)] = "X"
+            rows.append(f"  {thread:>{label_width}} |{''.join(cells)}|")
+    ticks = f"  {'':>{label_width}}  0s{'':{width - 10}}{end:6.1f}s"
     legend = [f"{letter[t]}={t}" for t in tasks]
     legend_lines = ["  " + "  ".join(legend[i : i + 4]) for i in range(0, len(legend), 4)]
     return "\n".join([*rows, ticks, "", *legend_lines])
@@ -389,9 +395,42 @@ def scale_out(lab: Lab) -> tuple[Outcome, str]:
     lab.wait_until_done(tasks)
     result = outcome(lab)
     per_worker = ", ".join(f"{w.name} {len(w.done())}" for w in lab.workers)
+    handed_back = sum(1 for _, line in third.events if "Handed back" in line)
+    lines = [line for _, line in third.events]
+    signalled = next((i for i, line in enumerate(lines) if "Warm shutdown" in line), len(lines))
+    started_late = sum(1 for line in lines[signalled:] if "Received" in line)
+    after_signal = (
+        "started nothing after the signal" if not started_late else f"started {started_late} task(s) after the signal"
+    ) + (
+        f" and handed back {handed_back} task(s) it received after it, untouched (another worker did them, "
+        "marked lower case)"
+        if handed_back
+        else ""
+    )
+    unfinished = sum(1 for span in third.spans() if span[1] is None)
     return result, (
         f"Tasks done per worker: {per_worker}. New workers took tasks as soon as they joined; w3 finished "
-        f"its task before it left. {result.lost} lost, {result.redelivered} redelivered."
+        f"{'its running task' if not unfinished else 'NOT its running task'}, {after_signal}. "
+        f"{result.lost} lost, {result.redelivered} redelivered."
+    )
+
+
+def concurrency(lab: Lab) -> tuple[Outcome, str]:
+    """One worker, --concurrency 4: tasks that wait (I/O-bound) run four at once."""
+    worker = lab.worker("w1", "--concurrency", "4")
+    tasks = [f"task{i}..." for i in range(1, 13)]
+    lab.send(tasks)
+    lab.wait_until_done(tasks)
+    result = outcome(lab)
+    spans = worker.spans()
+    took = max(s[1] for s in spans if s[1]) - min(s[0] for s in spans)
+    work = sum(s[1] - s[0] for s in spans if s[1])
+    most = max(sum(1 for s in spans if s[0] <= t[0] < (s[1] or t[0] + 1)) for t in spans)
+    threads = len({s[4] for s in spans})
+    return result, (
+        f"{result.done} tasks, {work:.1f}s of work, done in {took:.1f}s by one process: up to {most} at once, "
+        f"on {threads} threads (a row each). The broker gave it 4 unacked tasks at a time (prefetch follows "
+        "--concurrency), and each was acked on its own as it finished."
     )
 
 
@@ -423,6 +462,7 @@ EXPERIMENTS: dict[str, Callable[[Lab], tuple[Outcome, str]]] = {
     "broker-restart": broker_restart,
     "poison": poison,
     "scale-out": scale_out,
+    "concurrency": concurrency,
     "demo": demo,
 }
 
@@ -448,7 +488,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (see --list)")
     parser.add_argument("--list", action="store_true", help="list the experiments, one line each")
     parser.add_argument("--all", action="store_true", help="run every experiment but the demo")
-    parser.add_argument("--dot-seconds", type=float, default=0.2, metavar="S", help="seconds of work per dot")
+    parser.add_argument(
+        "--dot-seconds", type=workqueue.non_negative(float), default=0.2, metavar="S", help="seconds of work per dot"
+    )
     parser.add_argument("--url", help="use this broker (a queue of its own, removed after) instead of a throwaway node")
     parser.add_argument(
         "--local",

@@ -23,11 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import workqueue
+
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 
 
-class BrokerError(RuntimeError):
-    """A throwaway node could not be started or stopped."""
+class BrokerError(workqueue.WorkQueueError):
+    """A throwaway node could not be started or stopped (one line and exit 1, as other errors)."""
 
 
 def free_port() -> int:
@@ -143,9 +145,13 @@ class BrokerNode:
         return None
 
     def start(self, timeout: float = 90) -> BrokerNode:
-        """Start the node and return once it completes an AMQP handshake."""
-        self.launch()
-        return self.wait_ready(timeout)
+        """Start the node and return once it completes an AMQP handshake; a node that fails is killed."""
+        try:
+            self.launch()
+            return self.wait_ready(timeout)
+        except BaseException:
+            self.kill()  # never leave a half-started node behind
+            raise
 
     def launch(self) -> None:
         """Start the node in the background (see wait_ready)."""
@@ -232,17 +238,24 @@ class BrokerCluster:
         return [node.url for node in self.nodes]
 
     def start(self, timeout: float = 120) -> BrokerCluster:
-        """Start every node, join the others to the first, and wait until all run as one cluster."""
-        for node in self.nodes:
-            node.launch()
-        for node in self.nodes:
-            node.wait_ready(timeout)
-        first = self.nodes[0].nodename
-        for node in self.nodes[1:]:
-            node.rabbitmqctl("stop_app")
-            node.rabbitmqctl("join_cluster", first)
-            node.rabbitmqctl("start_app")
-        self.wait_running(len(self.nodes), timeout)
+        """Start every node, join the others to the first, and wait until all run as one cluster.
+
+        If any step fails, every node is killed: nothing is left running."""
+        try:
+            for node in self.nodes:
+                node.launch()
+            for node in self.nodes:
+                node.wait_ready(timeout)
+            first = self.nodes[0].nodename
+            for node in self.nodes[1:]:
+                node.rabbitmqctl("stop_app")
+                node.rabbitmqctl("join_cluster", first)
+                node.rabbitmqctl("start_app")
+            self.wait_running(len(self.nodes), timeout)
+        except BaseException:
+            for node in self.nodes:
+                node.kill()
+            raise
         return self
 
     def running_nodes(self, asking: BrokerNode | None = None) -> list[str]:
@@ -275,7 +288,9 @@ def main() -> int:
         epilog="examples:\n  python local_broker.py\n  python local_broker.py --cluster 3",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--cluster", type=int, metavar="N", help="start N nodes joined in one cluster")
+    parser.add_argument(
+        "--cluster", type=workqueue.number(int, minimum=1), metavar="N", help="start N nodes joined in one cluster"
+    )
     args = parser.parse_args()
     if args.cluster:
         print(f"Starting a {args.cluster}-node RabbitMQ cluster (about a minute)...", file=sys.stderr, flush=True)
@@ -303,4 +318,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    sys.exit(main())
+    workqueue.run(main)

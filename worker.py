@@ -290,6 +290,7 @@ class Worker:
         self.stopping = False  # set by the first signal, or once --max-tasks tasks were started
         self.signalled = False
         self.started = 0  # tasks handed to the pool; --max-tasks counts these
+        self.channel: BlockingChannel | None = None  # the current channel
         # Delivered and not settled yet: on the current channel, or running still after their channel died.
         self.in_hand: dict[Delivery, futures.Future] = {}
 
@@ -330,7 +331,7 @@ class Worker:
 
     def consume(self, connection: pika.BlockingConnection) -> None:
         """Declare the queues, take tasks until told to stop, then settle the running ones."""
-        channel = connection.channel()
+        channel = self.channel = connection.channel()
         channel.basic_qos(prefetch_count=self.args.prefetch)  # at most N unacked tasks at this worker
         channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
         self.settle_finished()  # tasks of an earlier connection that ended meanwhile: report their lost acks
@@ -360,12 +361,13 @@ class Worker:
 
     def on_message(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
         """A task arrived: hand it to a task thread (or straight back, if we are stopping)."""
+        self.act_on_stop()
         retries, complaint = retries_of(properties)
         delivery = Delivery(channel, method.delivery_tag, body, properties, method.redelivered, retries)
         if complaint:
             LOGGER.warning("%s (task '%s')", complaint, delivery.label)
         if self.stopping and not self.args.auto_ack:  # auto-acked tasks are ours alone: do them
-            channel.basic_nack(delivery.delivery_tag, requeue=True)  # back to the queue, untouched
+            self.hand_back(delivery)
             return
         future = self.tasks.submit(delivery)
         self.in_hand[delivery] = future
@@ -394,9 +396,13 @@ class Worker:
         if not channel.is_open:
             return
         self.settle_finished()
-        if self.stopping and channel.consumer_tags:
-            self.stop_taking_tasks(channel)
         channel.connection.call_later(0.2, functools.partial(self.tick, channel))
+
+    def act_on_stop(self) -> None:
+        """After a signal, cancel the consumer at the first chance: in tick(), on_message() or before
+        an ack (an ack would let the broker send the next task, only for it to go back)."""
+        if self.stopping and self.channel and self.channel.is_open and self.channel.consumer_tags:
+            self.stop_taking_tasks(self.channel)
 
     def stop_taking_tasks(self, channel: BlockingChannel) -> None:
         """Cancel the consumer: no more deliveries. After a signal, also give back every task that
@@ -404,10 +410,9 @@ class Worker:
         self.stopping = True
         if self.tasks.no_new_tasks.is_set():  # set by the signal (never with --auto-ack)
             for delivery, future in list(self.in_hand.items()):
-                if future.cancel():  # still waiting for a thread: it goes back untouched
+                if future.cancel():  # still waiting for a thread
                     del self.in_hand[delivery]
-                    if delivery.channel.is_open:
-                        delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
+                    self.hand_back(delivery)
         if self.signalled and self.in_hand:
             running = workqueue.plural(len(self.in_hand), "running task")
             self.say(f"[*] Finishing {running} first (press CTRL+C again to quit now)")
@@ -416,6 +421,12 @@ class Worker:
             # consumer's come back to us instead: they are ours alone, so do them.
             for method, properties, body in channel.basic_cancel(tag):
                 self.on_message(channel, method, properties, body)
+
+    def hand_back(self, delivery: Delivery) -> None:
+        """Shutting down: a task we hold but did not start goes back to the queue, untouched."""
+        if delivery.channel.is_open:
+            delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
+            self.say(f"[*] Handed back '{delivery.label}' untouched: shutting down")
 
     def drop_not_started(self) -> None:
         """The channel died: its deliveries still waiting for a thread must not run (the broker has
@@ -434,6 +445,7 @@ class Worker:
     # Back in the connection's thread: ack, retry or dead-letter.
 
     def settle_finished(self) -> None:
+        self.act_on_stop()
         for delivery, future in list(self.in_hand.items()):
             if future.done():
                 del self.in_hand[delivery]
@@ -446,8 +458,7 @@ class Worker:
             result = Result(Outcome.FAILED, error)
         channel = delivery.channel  # its own channel, never another: delivery tags are per channel
         if result.outcome is Outcome.NOT_STARTED:
-            if channel.is_open:
-                channel.basic_nack(delivery.delivery_tag, requeue=True)
+            self.hand_back(delivery)
         elif self.args.auto_ack:
             self.say(
                 f"[x] Done '{delivery.label}' in {result.seconds:.1f}s"

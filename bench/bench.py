@@ -75,9 +75,9 @@ def delete(url: str, queue: str) -> None:
         channel.queue_delete(queue + ".dlq")
 
 
-def write_lines(path: Path, count: int) -> str:
+def write_lines(path: Path, count: int, dots: int = 0) -> str:
     with path.open("w") as file:
-        file.writelines(f"task {i}\n" for i in range(count))
+        file.writelines(f"task {i}{'.' * dots}\n" for i in range(count))
     return str(path)
 
 
@@ -112,9 +112,10 @@ def publish_rows(url: str, count: int, per_process: int, tmp: Path) -> list[tupl
 # --- 2. Draining ------------------------------------------------------------------
 
 
-def drain_rate(url: str, cmd: list[str], q: str, count: int, tmp: Path) -> float:
-    """Tasks per second for a worker to take `count` empty tasks off a full queue (start-up included)."""
-    fill(url, q, write_lines(tmp / "drain.txt", count))
+def drain_rate(url: str, cmd: list[str], q: str, count: int, tmp: Path, *, dots: int = 0) -> float:
+    """Tasks per second for a worker to take `count` tasks (empty, or of `dots` dots) off a full queue,
+    start-up included."""
+    fill(url, q, write_lines(tmp / "drain.txt", count, dots))
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=UNBUFFERED)
     done = 0
@@ -204,6 +205,21 @@ def publish_memory(url: str, count: int, tmp: Path) -> tuple[float, float]:
     return peak, count / seconds
 
 
+CONCURRENCY = (1, 4, 16)
+IO_TASK_SECONDS = 0.05  # one dot: a task that waits 50 ms, as an HTTP call or an e-mail would
+
+
+def concurrency_row(what: str, concurrency: int, count: int, rates: dict[int, list[float]], also: str = "") -> str:
+    """A drain row of ours at --concurrency N (prefetch N), each run against --concurrency 1 of its round."""
+    ratios = [rate / single for rate, single in zip(rates[concurrency], rates[1])]
+    spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+    rate = statistics.median(rates[concurrency])
+    return (
+        f"| drain, {what}: **ours**: worker.py --concurrency {concurrency} | {count:,} x {len(ratios)} "
+        f"| {rate:,.0f}/s | {statistics.median(ratios):.2f}x --concurrency 1{spread}{also} | |"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: checks that the benchmark runs")
@@ -212,6 +228,7 @@ def main() -> int:
     publish_n, per_process, drain_n, rounds, fair_n, dot = (
         (2000, 5, 500, 1, 9, 0.02) if args.quick else (100_000, 40, 5_000, 8, 30, 0.1)
     )
+    io_n, io_rounds = (40, 1) if args.quick else (400, 3)  # 50 ms tasks: 20 s a run at --concurrency 1
     memory_sizes = (10_000, 100_000) if args.quick else (100_000, 1_000_000)
 
     node = None
@@ -249,6 +266,16 @@ def main() -> int:
                     times.setdefault(name, []).append(turnaround.turnarounds(port, run))
             else:
                 print("Turnaround: skipped (a packet capture needs root)", file=sys.stderr)
+            print("Concurrency...", file=sys.stderr)
+            concurrent = {
+                c: ours("worker.py", url, q, "--dot-seconds", IO_TASK_SECONDS, "--concurrency", c) for c in CONCURRENCY
+            }
+            empty_rates: dict[int, list[float]] = {c: [] for c in CONCURRENCY}
+            io_rates: dict[int, list[float]] = {c: [] for c in CONCURRENCY}
+            for c, cmd in alternating(concurrent, rounds):
+                empty_rates[c].append(drain_rate(url, cmd, q, drain_n, tmp))
+            for c, cmd in alternating(concurrent, io_rounds):
+                io_rates[c].append(drain_rate(url, cmd, q, io_n, tmp, dots=1))
             print("Fair dispatch...", file=sys.stderr)
             dots = mixed_tasks(fair_n)
             ideal = ideal_makespan(dots, 3, dot)
@@ -289,6 +316,12 @@ def main() -> int:
             )
         broker_time = statistics.median(broker for runs in times.values() for _, broker in runs)
         out.append(f"| broker's time per task at prefetch 1 (ack in, next delivery out) | | {broker_time:.0f} µs | | |")
+    for c in CONCURRENCY:
+        out.append(concurrency_row("empty tasks", c, drain_n, empty_rates))
+    for c in CONCURRENCY:
+        best = c / IO_TASK_SECONDS  # every thread always busy, nothing else taking time
+        also = f", {statistics.median(io_rates[c]) / best:.2f}x ideal ({best:,.0f}/s)"
+        out.append(concurrency_row(f"{IO_TASK_SECONDS * 1000:.0f} ms I/O-bound tasks", c, io_n, io_rates, also))
     for label, makespan in (("prefetch 1 (fair)", fair), ("prefetch 0 (round-robin)", rr)):
         out.append(
             f"| makespan, 3 workers, {fair_n} mixed tasks: {label} | {fair_n} | {makespan:.2f} s "

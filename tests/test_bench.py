@@ -21,8 +21,12 @@ def test_benchmark_runs_and_prints_its_table(broker):
     )
     assert result.returncode == 0, result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    # header, separator, 4 publish, 4 drain, 2 makespan and 2 memory rows; 3 turnaround rows when root
-    assert len(table) == 14 + (3 if as_root else 0)
+    # header, separator, 4 publish, 4 drain, 6 concurrency, 2 makespan and 2 memory rows; 3 turnaround rows when root
+    assert len(table) == 20 + (3 if as_root else 0)
+    for concurrency in (1, 4, 16):
+        assert re.search(
+            rf"\| drain, 50 ms I/O-bound tasks: \*\*ours\*\*: worker.py --concurrency {concurrency} \|", result.stdout
+        )
     assert "ours: new_task.py --file" in result.stdout
     assert "prefetch 0 (round-robin)" in result.stdout
     if as_root:

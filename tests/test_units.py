@@ -14,8 +14,8 @@ import pytest
 
 import bench
 import workqueue
-from new_task import lines_of
-from worker import TaskFailed, dot_task
+from new_task import NACK_RETRIES, Outbox, lines_of
+from worker import TaskFailed, dot_task, retries_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,3 +128,66 @@ def test_the_scripts_import_on_every_python_that_pyproject_claims(version):
     )
     assert result.returncode == 0, result.stderr
     assert re.search(r'requires-python = ">=3\.9"', (ROOT / "pyproject.toml").read_text())
+
+
+# --- new_task.py's Outbox: window, confirms, nacks and resends, without a broker --------------
+
+
+def test_outbox_keeps_at_most_a_window_unconfirmed_and_frees_a_slot_per_confirm():
+    outbox = Outbox(iter([b"a", b"b", b"c"]), window=2)
+    assert [outbox.take(), outbox.take(), outbox.take()] == [b"a", b"b", None]  # window full
+    outbox.settle(1, multiple=False, ack=True)
+    assert outbox.take() == b"c"
+    assert outbox.take() is None and not outbox.finished  # b and c still wait for their confirms
+    outbox.settle(3, multiple=True, ack=True)
+    assert outbox.take() is None  # the source is found empty only when asked
+    assert outbox.finished and outbox.confirmed == 3 and outbox.published == 3
+
+
+def test_outbox_sends_the_unconfirmed_again_first_after_a_drop_with_tags_from_1():
+    outbox = Outbox(iter([b"a", b"b", b"c", b"d"]), window=10)
+    taken = [outbox.take() for _ in range(3)]
+    outbox.settle(1, multiple=False, ack=True)
+    assert outbox.connection_lost() == 2
+    assert [outbox.take(), outbox.take(), outbox.take()] == [b"b", b"c", b"d"]  # in order, resends first
+    assert list(outbox.unconfirmed) == [1, 2, 3]  # the new channel's tags
+    assert outbox.resent == 2 and taken == [b"a", b"b", b"c"]
+
+
+def test_outbox_resends_a_nacked_message_until_it_gives_up():
+    outbox = Outbox(iter([b"x"]), window=10)
+    for attempt in range(NACK_RETRIES):
+        assert outbox.take() == b"x"
+        assert outbox.settle(outbox.last_tag, multiple=False, ack=False) == 1, attempt
+    assert outbox.take() == b"x"
+    assert outbox.settle(outbox.last_tag, multiple=False, ack=False) == 0  # refused every time: failed
+    assert outbox.take() is None
+    assert outbox.finished and outbox.nacked == 1 and outbox.confirmed == 0
+
+
+def test_outbox_ignores_a_confirm_for_an_unknown_tag():
+    outbox = Outbox(iter([b"a"]), window=10)
+    outbox.take()
+    outbox.settle(99, multiple=False, ack=True)
+    assert outbox.confirmed == 0 and list(outbox.unconfirmed) == [1]
+
+
+def test_printable_escapes_control_characters_and_cuts():
+    assert workqueue.printable(b"\x1b[2J\x07ok\xff") == "\\x1b[2J\\x07ok\ufffd"
+    assert workqueue.printable("caf\u00e9 \u2028") == "caf\u00e9 \\u2028"
+    assert workqueue.printable("x" * 60, limit=50) == "x" * 49 + "…"
+
+
+def test_retries_of_trusts_only_a_count():
+    assert retries_of(pika.BasicProperties(headers={"x-retries": 2})) == (2, None)
+    assert retries_of(pika.BasicProperties()) == (0, None)
+    for bad in ("2", -1, True, [1], None):
+        retries, complaint = retries_of(pika.BasicProperties(headers={"x-retries": bad}))
+        assert retries == 0 and "not a count of retries" in complaint
+
+
+def test_backoff_doubles_to_five_seconds_and_resets():
+    backoff = workqueue.Backoff()
+    assert [backoff.next() for _ in range(7)] == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    backoff.reset()
+    assert backoff.next() == 0.25
