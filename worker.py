@@ -263,7 +263,7 @@ class TaskPool:
         started = time.monotonic()
         try:
             self.task(delivery.body)
-        except Exception as error:
+        except BaseException as error:  # SystemExit from a task too: the task failed, the worker goes on
             return Result(Outcome.FAILED, error, time.monotonic() - started, thread)
         return Result(Outcome.DONE, None, time.monotonic() - started, thread)
 
@@ -377,7 +377,10 @@ class Worker:
         if len(self.in_hand) == 1:
             # Most tasks of a work queue are short: wait a moment, and a lone quick task is acked
             # from here at once, without waking the connection's loop from the task thread.
-            futures.wait([future], timeout=QUICK_TASK_SECONDS)
+            try:
+                future.result(timeout=QUICK_TASK_SECONDS)  # cheaper than futures.wait()
+            except Exception:  # not done yet (a TimeoutError), or it failed: settle() tells which
+                pass
         if future.done():
             self.settle_finished()
         else:
