@@ -364,8 +364,8 @@ def broker_restart(lab: Lab) -> tuple[Outcome, str]:
 
 def poison(lab: Lab) -> tuple[Outcome, str]:
     """A task that always fails: retried, then moved to the dead-letter queue; the rest keep flowing."""
-    lab.worker("w1", "--max-retries", "2")
-    lab.worker("w2", "--max-retries", "2")
+    lab.worker("w1", "--max-retries", "2", "--retry-delays", "0")
+    lab.worker("w2", "--max-retries", "2", "--retry-delays", "0")
     tasks = ["task1..", "an error.", "task3.", "task4..", "task5."]
     lab.send(tasks)
     lab.wait_until_done([t for t in tasks if "error" not in t])

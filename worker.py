@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Take tasks from the work queue and do them: one at a time, or --concurrency N at once.
 
-The default task sleeps one second per dot in the message (and fails when the
-message contains the word "error"); --task runs a function of yours instead.
+The default task sleeps one second per dot in the message; it fails on the word
+"error", hangs on "hang" and kills its own process on "crash", so that every
+fault can be tried. --task runs a function of yours instead.
 
 How it stays correct where the tutorial's worker is not:
 - tasks run in a pool of threads, so pika keeps answering heartbeats during a
@@ -10,8 +11,10 @@ How it stays correct where the tutorial's worker is not:
   acked on the channel it came on or not at all;
 - a lost connection is reported and re-opened with capped backoff; deliveries of
   the dead channel that had not started are dropped (the broker redelivers them);
-- a failed task is published again with its attempt count in a header, and
-  after --max-retries it goes to the dead-letter queue <queue>.dlq;
+- a failed task waits in a wait queue (--retry-delays) and comes back with its
+  attempt count in a header; after --max-retries it goes to the dead-letter
+  queue <queue>.dlq; so does a task whose workers died running it again and again;
+- --time-limit runs tasks in child processes, killed and replaced at the limit;
 - Ctrl+C (or SIGTERM) starts no new task and finishes the running ones; a second
   one quits at once.
 """
@@ -25,6 +28,7 @@ import faulthandler
 import functools
 import importlib
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -34,6 +38,7 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import NamedTuple
 
 import pika
@@ -51,6 +56,8 @@ examples:
   python worker.py                          # one second of work per dot
   python worker.py --name w1                # label this worker's lines
   python worker.py --concurrency 8          # up to 8 tasks at once (I/O-bound tasks)
+  python worker.py --time-limit 300         # stop a task after 5 minutes (it runs in a child process)
+  python worker.py --retry-delays 5,60      # retry a failed task after 5 s, then every 60 s
   python worker.py --prefetch 0             # no limit: plain round-robin
   python worker.py --auto-ack               # the tutorial's first worker: a crash loses tasks
   python worker.py --task mytasks:resize    # call mytasks.resize(body) for each task
@@ -112,6 +119,25 @@ def make_argument_parser() -> argparse.ArgumentParser:
         help="times a failed task is tried again before it goes to the dead-letter queue <queue>.dlq",
     )
     parser.add_argument(
+        "--retry-delays",
+        type=delays,
+        default="1,10,60",
+        metavar="LIST",
+        help="seconds a failed task waits before retry 1, 2, ...; the last repeats; 0 = at once",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=workqueue.number(float, minimum=0.001),
+        metavar="S",
+        help="a task still running after S seconds is stopped and counts as failed (implies --isolation process)",
+    )
+    parser.add_argument(
+        "--isolation",
+        choices=("thread", "process"),
+        help="run each task in a thread of the worker (the default: cheapest), or in a child process that "
+        "can be killed and replaced (the default with --time-limit)",
+    )
+    parser.add_argument(
         "--max-tasks",
         type=workqueue.non_negative(int),
         metavar="N",
@@ -129,6 +155,15 @@ def make_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def delays(text: str) -> list[float]:
+    """--retry-delays: comma-separated seconds, each 0 or more."""
+    parse = workqueue.non_negative(float)
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"want seconds separated by commas, like 1,10,60: {text!r}")
+    return [parse(part) for part in parts]
+
+
 # --- Tasks -----------------------------------------------------------------------
 
 
@@ -137,12 +172,17 @@ class TaskFailed(Exception):
 
 
 def dot_task(seconds_per_dot: float) -> Callable[[bytes], None]:
-    """The tutorial's fake work: one unit of time per dot; the word 'error' fails."""
+    """The tutorial's fake work: one unit of time per dot. To try the faults: the word 'error'
+    fails, 'hang' never returns (try --time-limit), 'crash' kills the process running it."""
 
     def sleep_per_dot(body: bytes) -> None:
         seconds = body.count(b".") * seconds_per_dot
         if seconds:  # even sleep(0) gives up the GIL: skip it for empty tasks
             time.sleep(seconds)
+        if re.search(rb"\bhang\b", body, re.IGNORECASE):
+            time.sleep(10**6)  # blocked where no exception can reach it
+        if re.search(rb"\bcrash\b", body, re.IGNORECASE):
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
         if re.search(rb"\berror\b", body, re.IGNORECASE):
             raise TaskFailed("the task says 'error'")
 
@@ -177,7 +217,12 @@ class Delivery:
     body: bytes
     properties: pika.BasicProperties
     redelivered: bool
-    retries: int  # from the x-retries header
+    retries: int  # failed attempts so far, from our x-retries header
+    unsettled: int  # earlier deliveries of this message that were never settled (quorum queues only)
+
+    @property
+    def attempt(self) -> int:
+        return self.retries + self.unsettled + 1
 
     @property
     def label(self) -> str:
@@ -187,9 +232,20 @@ class Delivery:
 def retries_of(properties: pika.BasicProperties) -> tuple[int, str | None]:
     """(retries so far, a complaint if the x-retries header is not a count): any client can set it."""
     value = (properties.headers or {}).get("x-retries", 0)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if is_count(value):
         return value, None
     return 0, f"ignoring header x-retries={value!r}: not a count of retries"
+
+
+def unsettled_deliveries(properties: pika.BasicProperties) -> int:
+    """x-delivery-count: how often a quorum queue delivered this message before and got it back
+    unsettled (its consumer died, lost its connection, or handed it back). Classic queues: 0."""
+    value = (properties.headers or {}).get("x-delivery-count", 0)
+    return value if is_count(value) else 0
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Outcome(enum.Enum):
@@ -200,7 +256,7 @@ class Outcome(enum.Enum):
 
 class Result(NamedTuple):
     outcome: Outcome
-    error: BaseException | None = None
+    why: str | None = None  # why it failed
     seconds: float = 0.0
     thread: int = 0  # which of the --concurrency threads ran it (1..N)
 
@@ -228,26 +284,35 @@ class Console:
 
 
 class TaskPool:
-    """Runs tasks in up to N threads; each task's Result (or whatever it raised) is in its Future.
+    """Runs tasks in up to N threads; each task's Result is in its Future.
+
+    A thread runs its task itself (--isolation thread) or hands it to a child process of its own
+    (--isolation process), which it kills and replaces when the task overruns --time-limit.
 
     Shared with the connection's thread: `no_new_tasks`, an Event that the first signal sets;
     from then on, no task starts. Its set() takes a lock that nothing else ever holds, so it is
     safe in a signal handler. Results cross back only through Futures, which are thread-safe.
     """
 
-    def __init__(self, task: Callable[[bytes], object], concurrency: int, console: Console, max_retries: int):
+    def __init__(self, args: argparse.Namespace, task: Callable[[bytes], object], console: Console):
         self.task = task
         self.console = console
-        self.max_retries = max_retries
+        self.max_retries = args.max_retries
+        self.in_process = args.isolation == "process"
+        self.child_task = (args.task, args.dot_seconds)  # what a child process loads: it imports on its own
+        self.time_limit = args.time_limit
         self.no_new_tasks = threading.Event()
-        self.thread_numbers = iter(range(1, concurrency + 1))
+        self.thread_numbers = iter(range(1, args.concurrency + 1))
         self.numbers_lock = threading.Lock()
-        self.local = threading.local()  # each thread's own number, for its lines
-        self.pool = futures.ThreadPoolExecutor(concurrency, thread_name_prefix="task", initializer=self.number_thread)
+        self.local = threading.local()  # each thread's own number, and its child process
+        self.pool = futures.ThreadPoolExecutor(
+            args.concurrency, thread_name_prefix="task", initializer=self.number_thread
+        )
 
     def number_thread(self) -> None:
         with self.numbers_lock:
             self.local.number = next(self.thread_numbers)
+        self.local.child = None
 
     def submit(self, delivery: Delivery) -> futures.Future:
         return self.pool.submit(self.run, delivery)
@@ -259,16 +324,105 @@ class TaskPool:
         thread = self.local.number
         attempt = f" (attempt {delivery.retries + 1} of {self.max_retries + 1})" if delivery.retries else ""
         again = " (redelivered)" if delivery.redelivered else ""
+        if delivery.unsettled > 1:
+            again = f" (redelivered {delivery.unsettled} times)"
         self.console.say(f"[x] Received '{delivery.label}'{attempt}{again}", thread)
         started = time.monotonic()
-        try:
-            self.task(delivery.body)
-        except BaseException as error:  # SystemExit from a task too: the task failed, the worker goes on
-            return Result(Outcome.FAILED, error, time.monotonic() - started, thread)
-        return Result(Outcome.DONE, None, time.monotonic() - started, thread)
+        if self.in_process:
+            self.local.child = self.local.child or ChildProcess(*self.child_task)
+            why = self.local.child.run(delivery.body, self.time_limit)
+        else:
+            try:
+                self.task(delivery.body)
+                why = None
+            except BaseException as error:  # SystemExit from a task too: the task failed, the worker goes on
+                why = reason(error)
+        return Result(Outcome.FAILED if why else Outcome.DONE, why, time.monotonic() - started, thread)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# Child processes start from a fresh interpreter: no threads, sockets or locks of the worker in them.
+PROCESSES = multiprocessing.get_context("spawn")
+
+
+class ChildProcess:
+    """A child process that runs one task thread's tasks, one at a time, over a pipe.
+
+    Python cannot stop a thread, but it can kill a process: at the time limit, or when a task
+    killed its own process, the child is replaced by a new one and the task counts as failed.
+    Only the task thread that made it uses it.
+    """
+
+    def __init__(self, task_spec: str | None, dot_seconds: float):
+        self.task_spec, self.dot_seconds = task_spec, dot_seconds
+        self.start()
+
+    def start(self) -> None:
+        self.pipe, child_end = PROCESSES.Pipe()
+        self.process = PROCESSES.Process(
+            target=child_main, args=(child_end, self.task_spec, self.dot_seconds), name="task", daemon=True
+        )
+        self.process.start()
+        child_end.close()
+
+    def run(self, body: bytes, time_limit: float | None) -> str | None:
+        """Run one task in the child: None if it was done, else why it failed."""
+        if not self.process.is_alive():  # died between tasks (killed from outside): a new one
+            self.start()
+        why = None
+        try:
+            self.pipe.send_bytes(body)
+            if self.pipe.poll(time_limit):  # time_limit None: wait as long as it takes
+                return self.pipe.recv()  # None, or why the task failed; EOFError if the child died
+            why = f"time limit of {time_limit:g} s exceeded"
+        except (EOFError, OSError):
+            pass  # the child died under the task
+        self.process.kill()
+        self.process.join()
+        self.pipe.close()
+        why = why or died_how(self.process.exitcode)
+        self.start()  # a fresh child for the next task
+        return why
+
+
+def died_how(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = f" ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            name = ""
+        return f"killed by signal {-exitcode}{name}"
+    return f"its process exited with code {exitcode}"
+
+
+def child_main(pipe, task_spec: str | None, dot_seconds: float) -> None:
+    """In a child process: run each task the worker sends; answer None, or why it failed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the worker decides
+    die_with_the_worker()
+    task = load_task(task_spec) if task_spec else dot_task(dot_seconds)
+    while True:
+        try:
+            body = pipe.recv_bytes()
+        except EOFError:  # the worker is gone
+            return
+        try:
+            task(body)
+            pipe.send(None)
+        except BaseException as error:
+            pipe.send(reason(error))
+
+
+def die_with_the_worker() -> None:
+    """Linux: get SIGKILL when the worker's thread that started us ends (say, kill -9 of the worker),
+    rather than linger with a hung task. Elsewhere the child ends when its pipe closes."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 # --- The connection side: consume, hand over, settle -------------------------------------
@@ -341,6 +495,12 @@ class Worker:
                 channel.queue_declare(
                     queue=name, durable=True, arguments=workqueue.queue_arguments(self.args.queue_type)
                 )
+            for delay in self.wait_delays():  # a failed task waits there, then the broker moves it back
+                channel.queue_declare(
+                    queue=workqueue.wait_queue(self.args.queue, delay),
+                    durable=True,
+                    arguments=workqueue.wait_queue_arguments(self.args.queue, self.args.queue_type, delay),
+                )
             if self.stopping:
                 break
             channel.basic_consume(
@@ -363,11 +523,18 @@ class Worker:
         """A task arrived: hand it to a task thread (or straight back, if we are stopping)."""
         self.act_on_stop()
         retries, complaint = retries_of(properties)
-        delivery = Delivery(channel, method.delivery_tag, body, properties, method.redelivered, retries)
+        unsettled = unsettled_deliveries(properties)
+        delivery = Delivery(channel, method.delivery_tag, body, properties, method.redelivered, retries, unsettled)
         if complaint:
             LOGGER.warning("%s (task '%s')", complaint, delivery.label)
         if self.stopping and not self.args.auto_ack:  # auto-acked tasks are ours alone: do them
             self.hand_back(delivery)
+            return
+        if not self.args.auto_ack and delivery.attempt > self.args.max_retries + 1:
+            # Every earlier delivery ended without an ack or a failure: the process running it died
+            # (out of memory, a segfault) or lost its connection. Another start could kill this
+            # worker too: it goes to the dead-letter queue instead, and a crash loop ends here.
+            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, f"the worker running it died {unsettled} times"))
             return
         future = self.tasks.submit(delivery)
         self.in_hand[delivery] = future
@@ -458,7 +625,7 @@ class Worker:
         try:
             result = future.result()
         except BaseException as error:  # raised around the task (printing its line, say): it failed
-            result = Result(Outcome.FAILED, error)
+            result = Result(Outcome.FAILED, reason(error))
         channel = delivery.channel  # its own channel, never another: delivery tags are per channel
         if result.outcome is Outcome.NOT_STARTED:
             self.hand_back(delivery)
@@ -466,7 +633,7 @@ class Worker:
             self.say(
                 f"[x] Done '{delivery.label}' in {result.seconds:.1f}s"
                 if result.outcome is Outcome.DONE
-                else f"[!] Failed '{delivery.label}': {reason(result.error)} (auto-ack: the task is lost)",
+                else f"[!] Failed '{delivery.label}': {result.why} (auto-ack: the task is lost)",
                 result.thread,
             )
         elif not channel.is_open:
@@ -480,15 +647,42 @@ class Worker:
         else:
             self.retry_or_dead_letter(delivery, result)
 
+    def wait_delays(self) -> list[float]:
+        """The retry delays that --max-retries can reach, each once, 0 (at once) left out."""
+        reachable = [self.retry_delay(n) for n in range(1, self.args.max_retries + 1)]
+        return sorted({delay for delay in reachable if delay > 0})
+
+    def retry_delay(self, retry: int) -> float:
+        """Seconds before retry `retry` (1, 2, ...): the n-th delay, the last one repeating."""
+        delays = self.args.retry_delays
+        return delays[min(retry, len(delays)) - 1]
+
     def retry_or_dead_letter(self, delivery: Delivery, result: Result) -> None:
-        """Publish the failed task again (to the back of the queue) or to the DLQ, confirmed, then ack it."""
-        why = reason(result.error)
-        headers = dict(delivery.properties.headers or {})
-        if delivery.retries < self.args.max_retries:
-            headers["x-retries"] = delivery.retries + 1
-            target, what = self.args.queue, f"retry {delivery.retries + 1} of {self.args.max_retries}"
+        """Publish the failed task to a wait queue (or straight back) or to the DLQ, confirmed, then ack it.
+
+        While a retry waits, no worker holds it: it sits in a durable queue whose TTL hands it back
+        to the work queue when its delay is over, through a broker restart or a killed worker."""
+        headers = {k: v for k, v in (delivery.properties.headers or {}).items() if k != "x-delivery-count"}
+        failed = delivery.attempt - 1  # failed attempts before this one, deaths of its workers included
+        if failed < self.args.max_retries:
+            retry = failed + 1
+            headers["x-retries"] = retry
+            delay = self.retry_delay(retry)
+            if delay:
+                target = workqueue.wait_queue(self.args.queue, delay)
+                due = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
+                what = f"retry {retry} of {self.args.max_retries} in {delay:g}s (at {due}, waiting in {target})"
+            else:
+                target, what = self.args.queue, f"retry {retry} of {self.args.max_retries} now"
         else:
-            headers.update({"x-error": why, "x-original-queue": self.args.queue})
+            headers.update(
+                {
+                    "x-retries": failed,
+                    "x-error": result.why[:200],
+                    "x-original-queue": self.args.queue,
+                    "x-failed-at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
             target, what = self.dead_letter_queue, f"moved to {self.dead_letter_queue}"
         try:
             delivery.channel.basic_publish(
@@ -500,10 +694,12 @@ class Worker:
             )
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
             delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
-            self.say(f"[!] Failed '{delivery.label}': {why}; could not publish to {target}, requeued", result.thread)
+            self.say(
+                f"[!] Failed '{delivery.label}': {result.why}; could not publish to {target}, requeued", result.thread
+            )
             return
         delivery.channel.basic_ack(delivery.delivery_tag)
-        self.say(f"[!] Failed '{delivery.label}': {why}; {what}", result.thread)
+        self.say(f"[!] Failed '{delivery.label}': {result.why}; {what}", result.thread)
 
     # Signals: the first asks for a warm shutdown, the second quits at once.
 
@@ -555,6 +751,11 @@ def main() -> int:
         )
     if args.prefetch is None:
         args.prefetch = args.concurrency
+    if args.time_limit is not None and args.isolation == "thread":
+        raise workqueue.UsageError(
+            "--time-limit needs --isolation process: a thread cannot be stopped, a child process can"
+        )
+    args.isolation = args.isolation or ("process" if args.time_limit is not None else "thread")
     for url in workqueue.broker_urls(args.url):
         workqueue.connection_parameters(url)  # a bad URL is a usage error, before connecting
     task = load_task(args.task) if args.task else dot_task(args.dot_seconds)
@@ -562,7 +763,7 @@ def main() -> int:
         LOGGER.warning("auto-ack: the broker forgets each task when it is delivered; a crash loses it")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where is each thread stuck?
     console = Console(args.name, show_threads=args.concurrency > 1)
-    tasks = TaskPool(task, args.concurrency, console, args.max_retries)
+    tasks = TaskPool(args, task, console)
     worker = Worker(args, tasks, console)
     signal.signal(signal.SIGINT, worker.on_signal)
     signal.signal(signal.SIGTERM, worker.on_signal)

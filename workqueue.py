@@ -318,6 +318,27 @@ def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dlq"
 
 
+def wait_queue(queue: str, delay: float) -> str:
+    """Where a failed task of `queue` waits `delay` seconds before its retry: task_queue.retry.10s."""
+    return f"{queue}.retry.{delay:g}s"
+
+
+def wait_queue_arguments(queue: str, queue_type: str, delay: float) -> dict:
+    """A wait queue: every message expires after `delay` and the broker dead-letters it back to `queue`.
+
+    One queue per delay, with a queue-wide TTL: per-message TTLs in one queue expire only at its
+    head, so a long delay would hold back a short one behind it."""
+    arguments = {
+        "x-queue-type": queue_type,
+        "x-message-ttl": round(delay * 1000),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+    }
+    if queue_type == "quorum":  # quorum queues dead-letter at most once unless told otherwise
+        arguments.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+    return arguments
+
+
 # --- Command line and logging ---------------------------------------------------
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from local_broker import BrokerNode  # noqa: E402
+from local_broker import BrokerError, BrokerNode  # noqa: E402
 
 HEARTBEAT = 2
 
@@ -58,15 +58,17 @@ def running_broker(broker):
 
 @pytest.fixture
 def queue(request, broker):
-    """A queue name of this test's own; removed (with its dead-letter queue) afterwards."""
+    """A queue name of this test's own; removed (with its dead-letter and wait queues) afterwards."""
     name = "t_" + re.sub(r"\W+", "_", request.node.name)[:80]
     yield name
     try:
+        listed = broker.rabbitmqctl("list_queues", "name", "--quiet", "--no-table-headers").split()
         with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
             channel = connection.channel()
-            channel.queue_delete(name)
-            channel.queue_delete(name + ".dlq")
-    except pika.exceptions.AMQPError:
+            for other in listed:  # its dead-letter queue and wait queues too (name.dlq, name.retry.10s)
+                if other == name or other.startswith(name + "."):
+                    channel.queue_delete(other)
+    except (pika.exceptions.AMQPError, BrokerError):
         pass
 
 
@@ -103,6 +105,7 @@ class Script:
             text=True,
         )
         self.lines: list[str] = []
+        self.arrived: list[float] = []  # time.monotonic() when each line was read
         self.changed = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -111,6 +114,7 @@ class Script:
         for line in self.proc.stdout:
             with self.changed:
                 self.lines.append(line.rstrip("\n"))
+                self.arrived.append(time.monotonic())
                 self.changed.notify_all()
         with self.changed:
             self.changed.notify_all()
@@ -119,6 +123,11 @@ class Script:
     def output(self) -> str:
         with self.changed:
             return "\n".join(self.lines)
+
+    def times(self, pattern: str) -> list[float]:
+        """When each line matching `pattern` arrived (time.monotonic())."""
+        with self.changed:
+            return [at for at, line in zip(self.arrived, self.lines) if re.search(pattern, line)]
 
     def count(self, pattern: str) -> int:
         with self.changed:

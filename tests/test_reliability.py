@@ -132,7 +132,7 @@ def test_producer_sends_every_unconfirmed_message_again_after_a_cut(queue, start
 
 @pytest.mark.parametrize("queue_type", ["quorum", "classic"])
 def test_a_failing_task_is_retried_then_dead_lettered(env, queue, start, broker, queue_type):
-    worker = start_worker(start, queue, "--queue-type", queue_type, "--max-retries", "2")
+    worker = start_worker(start, queue, "--queue-type", queue_type, "--max-retries", "2", "--retry-delays", "0.3")
     publish(env, queue, "ok1", "an error.", "ok2", extra=("--queue-type", queue_type))
 
     worker.wait_for(r"Failed 'an error\.': TaskFailed: the task says 'error'; moved to " + re.escape(queue + ".dlq"))

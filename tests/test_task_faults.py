@@ -1,0 +1,235 @@
+"""Faults of the task itself: a task that hangs, a task that kills its process, retries that
+wait, and the dead-letter queue read and replayed with dead_letters.py."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import pika
+import pytest
+from conftest import (
+    done_tasks,
+    get_all,
+    publish,
+    ready_count,
+    run_script,
+    start_worker,
+    wait_for_counts,
+    wait_until,
+)
+
+SOCKET_TASK = """
+import socket
+
+def read_forever(body):
+    if body == b"hang":  # a blocking read from a peer that never writes, and no timeout
+        server = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(server.getsockname())
+        client.recv(1)
+"""
+
+
+def dead_letters(broker, queue: str) -> list[tuple[bytes, dict]]:
+    return get_all(broker, queue + ".dlq")
+
+
+# --- 1. Time limits -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blocked_in", ["sleep", "socket read"])
+def test_a_task_blocked_in_a_system_call_is_stopped_at_the_time_limit(env, queue, start, broker, tmp_path, blocked_in):
+    task = ("--task", "slow:read_forever") if blocked_in == "socket read" else ()
+    (tmp_path / "slow.py").write_text(SOCKET_TASK)
+    worker = start_worker(
+        start, queue, "--time-limit", "1", "--max-retries", "1", "--retry-delays", "0", *task, cwd=tmp_path
+    )
+    publish(env, queue, "hang", "next")
+
+    worker.wait_for(r"Failed 'hang': time limit of 1 s exceeded; retry 1 of 1 now", timeout=30)
+    worker.wait_for(r"Failed 'hang': time limit of 1 s exceeded; moved to ", timeout=30)
+    worker.wait_for(r"Done 'next'")
+    wait_for_counts(broker, queue, 0, 0)
+    ((body, headers),) = dead_letters(broker, queue)
+    assert body == b"hang" and headers["x-error"] == "time limit of 1 s exceeded"
+    assert worker.proc.poll() is None
+
+
+def test_time_limit_with_thread_isolation_is_refused(env, queue):
+    result = run_script("worker.py", "--queue", queue, "--time-limit", "5", "--isolation", "thread", env=env)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--time-limit needs --isolation process" in result.stderr
+
+
+# --- 2. Crash loops bounded --------------------------------------------------------------
+
+
+def test_a_task_that_kills_its_child_process_fails_and_is_dead_lettered(env, queue, start, broker):
+    worker = start_worker(start, queue, "--isolation", "process", "--max-retries", "2", "--retry-delays", "0")
+    publish(env, queue, "ok1.", "crash", "ok2.")
+
+    worker.wait_for(r"Failed 'crash': killed by signal 9 \(SIGKILL\); moved to ", timeout=30)
+    assert worker.count(r"Received 'crash'") == 3  # max-retries + 1 starts, no more
+    worker.wait_for(r"Done 'ok2\.'")
+    assert sorted(done_tasks(worker)) == ["ok1.", "ok2."]
+    wait_for_counts(broker, queue, 0, 0)
+    ((body, headers),) = dead_letters(broker, queue)
+    assert body == b"crash" and headers["x-error"] == "killed by signal 9 (SIGKILL)"
+    assert worker.proc.poll() is None
+
+
+def test_a_task_that_kills_the_worker_is_dead_lettered_after_bounded_starts(env, queue, start, broker):
+    """Workers in thread mode die with the task; the test restarts them as a service manager would."""
+    publish(env, queue, "ok1.", "crash", "ok2.")
+    workers = []
+    for _ in range(6):  # a service manager restarting the worker; the loop must end well before
+        worker = start_worker(start, queue, "--max-retries", "2", "--retry-delays", "0", name=f"w{len(workers) + 1}")
+        workers.append(worker)
+        wait_until(
+            lambda: worker.proc.poll() is not None or "Done 'ok2.'" in worker.output,  # noqa: B023
+            timeout=30,
+            what="the worker to die or to finish",
+        )
+        if worker.proc.poll() is None:
+            break
+        assert worker.proc.returncode == -signal.SIGKILL
+    started = sum(w.count(r"Received 'crash'") for w in workers)
+    assert started == 3, "\n---\n".join(w.output for w in workers)  # max-retries + 1 starts
+    assert len(workers) == 4
+    workers[-1].wait_for(r"Failed 'crash': the worker running it died 3 times; moved to ")
+    assert sorted(done_tasks(*workers)) == ["ok1.", "ok2."]
+    wait_for_counts(broker, queue, 0, 0)
+    ((body, headers),) = dead_letters(broker, queue)
+    assert body == b"crash" and headers["x-error"] == "the worker running it died 3 times"
+
+
+# --- 3. Retries that wait ------------------------------------------------------------------
+
+
+def test_each_retry_waits_its_delay_and_the_last_delay_repeats(env, queue, start, broker):
+    worker = start_worker(start, queue, "--max-retries", "3", "--retry-delays", "1,2")
+    publish(env, queue, "an error")
+
+    worker.wait_for(r"Failed 'an error': .*retry 1 of 3 in 1s \(at \d\d:\d\d:\d\d, waiting in .*\.retry\.1s\)")
+    worker.wait_for(r"Failed 'an error': .*moved to ", timeout=30)
+    starts = worker.times(r"Received 'an error'")
+    failures = worker.times(r"Failed 'an error'")
+    assert len(starts) == 4, worker.output
+    waits = [start - failed for failed, start in zip(failures, starts[1:])]
+    for waited, delay in zip(waits, (1, 2, 2)):
+        # No earlier than its delay (less the time to print and read a line), and not much later.
+        assert delay - 0.1 <= waited <= delay + 2.5, (waits, worker.output)
+
+
+def test_a_waiting_retry_is_held_by_no_worker(env, queue, start, broker):
+    worker = start_worker(start, queue, "--max-retries", "1", "--retry-delays", "4")
+    publish(env, queue, "an error")
+    worker.wait_for(r"retry 1 of 1 in 4s")
+    wait_until(lambda: ready_count(broker.url, queue + ".retry.4s") == 1, timeout=3, what="the task in the wait queue")
+    wait_for_counts(broker, queue, 0, 0)  # not unacked at the worker
+    worker.wait_for(r"Received 'an error' \(attempt 2 of 2\)", timeout=15)
+
+
+def test_a_worker_killed_during_a_wait_loses_nothing(env, queue, start, broker):
+    first = start_worker(start, queue, "--max-retries", "1", "--retry-delays", "3", name="w1")
+    publish(env, queue, "an error")
+    first.wait_for(r"retry 1 of 1 in 3s")
+    first.kill()
+
+    second = start_worker(start, queue, "--max-retries", "1", "--retry-delays", "3", name="w2")
+    second.wait_for(r"Received 'an error' \(attempt 2 of 2\)", timeout=20)
+    second.wait_for(r"Failed 'an error': .*moved to ")
+    assert [body for body, _ in dead_letters(broker, queue)] == [b"an error"]
+
+
+def test_a_broker_restart_during_a_wait_loses_nothing(env, queue, start, running_broker):
+    worker = start_worker(start, queue, "--max-retries", "1", "--retry-delays", "2")
+    publish(env, queue, "an error")
+    worker.wait_for(r"retry 1 of 1 in 2s")
+    running_broker.restart()  # the delay runs out while the broker is down
+
+    worker.wait_for(r"Received 'an error' \(attempt 2 of 2\)", timeout=60)
+    worker.wait_for(r"Failed 'an error': .*moved to ")
+    assert [body for body, _ in dead_letters(running_broker, queue)] == [b"an error"]
+
+
+# --- 4. dead_letters.py ------------------------------------------------------------------
+
+
+def make_dead(env, queue, start, *bodies: str) -> None:
+    worker = start_worker(start, queue, "--max-retries", "0", "--max-tasks", str(len(bodies)), name="maker")
+    publish(env, queue, *bodies)
+    assert worker.wait(timeout=30) == 0
+
+
+def test_list_shows_every_dead_task_and_takes_none(env, queue, start, broker):
+    make_dead(env, queue, start, "an error 1", "an error \x1b[2J 2", "an error 3")
+    listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)
+    assert listed.returncode == 0, listed.stderr
+    out = listed.stdout
+    assert re.search(r"^   1  'an error 1'$", out, re.M)
+    assert "'an error \\x1b[2J 2'" in out and "\x1b" not in out
+    assert out.count("TaskFailed: the task says 'error'") == 3
+    assert re.search(rf"1 attempt, from '{queue}', died \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", out)
+    assert out.splitlines()[-1] == f" [x] 3 dead tasks in '{queue}.dlq'; none was taken"
+    limited = run_script("dead_letters.py", "list", "--queue", queue, "--limit", "1", env=env)
+    assert limited.stdout.count("TaskFailed") == 1
+    assert limited.stdout.endswith(f" [x] 3 dead tasks in '{queue}.dlq', 1 shown; none was taken\n")
+    # Nothing consumed, nothing reordered:
+    assert [body for body, _ in dead_letters(broker, queue)] == [b"an error 1", b"an error \x1b[2J 2", b"an error 3"]
+
+
+def test_replay_puts_dead_tasks_back_with_a_fresh_count(env, queue, start, broker, tmp_path):
+    make_dead(env, queue, start, "an error 1", "an error 2")
+    replayed = run_script("dead_letters.py", "replay", "--queue", queue, env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout == f" [x] Replayed 2 dead tasks to '{queue}'\n"
+    wait_for_counts(broker, queue + ".dlq", 0, 0)
+    back = get_all(broker, queue)
+    assert [body for body, _ in back] == [b"an error 1", b"an error 2"]
+    for _, headers in back:
+        assert not {"x-retries", "x-error", "x-original-queue", "x-failed-at"} & set(headers)
+
+    # The cause fixed (a task that accepts them now), a replayed task is done like any other.
+    (tmp_path / "fixed.py").write_text("def run(body):\n    pass\n")
+    make_dead(env, queue, start, "an error 3")
+    assert run_script("dead_letters.py", "replay", "--queue", queue, env=env).returncode == 0
+    worker = start_worker(start, queue, "--task", "fixed:run", "--max-tasks", "1", cwd=tmp_path)
+    assert worker.wait(timeout=30) == 0
+    assert done_tasks(worker) == ["an error 3"]
+
+
+def test_replay_interrupted_loses_nothing(env, queue, start, broker):
+    count = 3000
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_declare(queue + ".dlq", durable=True, arguments={"x-queue-type": "quorum"})
+        for i in range(count):
+            channel.basic_publish(
+                "",
+                queue + ".dlq",
+                str(i).encode(),
+                pika.BasicProperties(delivery_mode=2, headers={"x-original-queue": queue, "x-error": "boom"}),
+            )
+    wait_until(lambda: ready_count(broker.url, queue + ".dlq") == count, timeout=30, what="the dead letters")
+    replay = start("dead_letters.py", "replay", "--queue", queue)
+    wait_until(lambda: ready_count(broker.url, queue) >= 200, timeout=60, what="a part of the replay")
+    replay.kill()
+
+    wait_for_counts(broker, queue + ".dlq", ready_count(broker.url, queue + ".dlq"), 0)  # nothing held unacked
+    work = [int(body) for body, _ in get_all(broker, queue)]
+    dead = [int(body) for body, _ in get_all(broker, queue + ".dlq")]
+    assert 200 <= len(work) < count
+    assert set(work) | set(dead) == set(range(count))  # nothing lost; a task may be in both
+    assert len(work) + len(dead) <= count + 1
+
+
+def test_purge_and_a_missing_queue(env, queue, start, broker):
+    make_dead(env, queue, start, "an error")
+    purged = run_script("dead_letters.py", "purge", "--queue", queue, env=env)
+    assert purged.returncode == 0 and purged.stdout == f" [x] Purged 1 dead task from '{queue}.dlq'\n"
+    assert dead_letters(broker, queue) == []
+    missing = run_script("dead_letters.py", "list", "--queue", "no_such_queue", env=env)
+    assert missing.returncode == 7 and missing.stderr.count("\n") == 1
+    assert "no queue named 'no_such_queue.dlq'" in missing.stderr
