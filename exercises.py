@@ -252,6 +252,7 @@ def timeline(lab: Lab, width: int = 64) -> str:
     ticks = f"  {'':>{label_width}}  0s{'':{width - 10}}{end:6.1f}s"
     legend = [f"{letter[t]}={t}" for t in tasks]
     legend_lines = ["  " + "  ".join(legend[i : i + 4]) for i in range(0, len(legend), 4)]
+    legend_lines.append("  (lower case: redelivered; ?: cut off by its worker's death; X: the worker died)")
     return "\n".join([*rows, ticks, "", *legend_lines])
 
 
@@ -434,6 +435,88 @@ def concurrency(lab: Lab) -> tuple[Outcome, str]:
     )
 
 
+def hung_task(lab: Lab) -> tuple[Outcome, str]:
+    """A task that never returns, under --time-limit: stopped, retried, dead-lettered; the rest go on."""
+    limit = round(lab.dot_seconds * 5, 3)
+    lab.worker("w1", "--time-limit", str(limit), "--max-retries", "1", "--retry-delays", "0")
+    tasks = ["task1..", "hang", "task3..", "task4.."]
+    lab.send(tasks)
+    lab.wait_until_done([t for t in tasks if t != "hang"])
+    dlq = workqueue.dead_letter_queue(lab.queue)
+    wait_for(lambda: (lab.counts(dlq) or (0, 0))[0] == 1, "the dead-letter queue")
+    stopped = sum(1 for w in lab.workers for _, line in w.events if "Failed 'hang': time limit" in line)
+    show_counts(lab, "after", [lab.queue, dlq])
+    result = outcome(lab, dead_lettered=1)
+    return result, (
+        f"'hang' was stopped at the time limit of {limit:g} s {stopped} times (the first try and 1 retry): its "
+        f"child process was killed and replaced, and the task moved to {dlq}. The other {result.done} tasks "
+        "were done. Without --time-limit the worker would wait for it forever."
+    )
+
+
+def crash_loop(lab: Lab) -> tuple[Outcome, str]:
+    """A task that kills its worker, with workers restarted as a service manager would: bounded."""
+    tasks = ["task1.", "crash", "task3.", "task4."]
+    lab.send(tasks)
+    deaths = 0
+    for run in range(1, 7):
+        worker = lab.worker(f"w1#{run}", "--max-retries", "2", "--retry-delays", "0")
+        wait_for(
+            lambda: worker.proc.poll() is not None or set(tasks) - {"crash"} <= set(lab_done(lab)),  # noqa: B023
+            "the worker to die or finish",
+        )
+        if worker.proc.poll() is None:
+            break
+        worker.killed_at = lab.now()
+        deaths += 1
+        lab.note(f"{worker.name} died ({died_how(worker.proc.returncode)}); restarting it")
+    dlq = workqueue.dead_letter_queue(lab.queue)
+    wait_for(lambda: (lab.counts(dlq) or (0, 0))[0] == 1, "the dead-letter queue")
+    show_counts(lab, "after", [lab.queue, dlq])
+    result = outcome(lab, dead_lettered=1)
+    return result, (
+        f"'crash' killed the worker running it {deaths} times. The next worker saw the quorum queue's "
+        f"x-delivery-count ({deaths}: delivered {deaths} times, never settled) and moved it to {dlq} without "
+        f"running it; the other {result.done} tasks were done. Unbounded, a service manager would restart "
+        "workers into the same task forever."
+    )
+
+
+def lab_done(lab: Lab) -> list[str]:
+    return [t for w in lab.workers for t in w.done()]
+
+
+def died_how(returncode: int | None) -> str:
+    return f"killed by signal {-returncode}" if returncode and returncode < 0 else f"exit {returncode}"
+
+
+def retry_backoff(lab: Lab) -> tuple[Outcome, str]:
+    """A failing task retried after growing delays, in wait queues, while the other tasks flow."""
+    delays = [round(lab.dot_seconds * 5, 3), round(lab.dot_seconds * 10, 3)]
+    worker = lab.worker("w1", "--max-retries", "3", "--retry-delays", ",".join(f"{d:g}" for d in delays))
+    tasks = ["an error", "task2.", "task3.", "task4."]
+    lab.send(tasks)
+    lab.wait_until_done(tasks[1:])
+    dlq = workqueue.dead_letter_queue(lab.queue)
+    wait_for(lambda: (lab.counts(dlq) or (0, 0))[0] == 1, "the dead-letter queue")
+    events = [(at, line) for at, line in worker.events if "'an error'" in line]
+    gaps, failed_at = [], None
+    for at, line in events:
+        if "Failed" in line:
+            failed_at = at
+        elif "Received" in line and failed_at is not None:
+            gaps.append(at - failed_at)
+    show_counts(lab, "after", [lab.queue, dlq])
+    result = outcome(lab, dead_lettered=1)
+    planned = ", ".join(f"{d:g}s" for d in [*delays, delays[-1]])
+    waited = ", ".join(f"{g:.1f}s" for g in gaps)
+    return result, (
+        f"'an error' was tried 4 times; it waited {waited} between tries (asked: {planned}, the last delay "
+        f"repeating), each wait in a queue of its own ({lab.queue}.retry.<delay>s) with no worker holding it, "
+        f"then it moved to {dlq}. The other {result.done} tasks were done meanwhile."
+    )
+
+
 DEMO_TASKS = [
     "Send welcome e-mail.", "Resize photo......", "Make thumbnail..", "Render report..........", "Ping.",
     "Transcode video........", "Send invoice...", "Index document.", "Crop avatar....",
@@ -463,6 +546,9 @@ EXPERIMENTS: dict[str, Callable[[Lab], tuple[Outcome, str]]] = {
     "poison": poison,
     "scale-out": scale_out,
     "concurrency": concurrency,
+    "hung-task": hung_task,
+    "crash-loop": crash_loop,
+    "retry-backoff": retry_backoff,
     "demo": demo,
 }
 
@@ -537,7 +623,7 @@ def main() -> int:
             try:
                 result, verdict = EXPERIMENTS[name](lab)
                 print("\n  timeline:\n" + timeline(lab))
-                if name not in ("broker-restart", "poison"):
+                if name not in ("broker-restart", "poison", "hung-task", "crash-loop", "retry-backoff"):
                     show_counts(lab, "after")
                 print(f"\n  verdict: {verdict}\n", flush=True)
                 if args.json:

@@ -37,7 +37,7 @@ def test_every_experiment_runs_and_is_listed(all_experiments):
     outcomes, sections = all_experiments
     listed = run_script("exercises.py", "--list", env={}).stdout
     for name in ("round-robin", "fair-dispatch", "auto-ack-loses", "manual-ack-redelivers", "broker-restart",
-                 "poison", "scale-out", "concurrency"):  # fmt: skip
+                 "poison", "scale-out", "concurrency", "hung-task", "crash-loop", "retry-backoff"):  # fmt: skip
         assert name in outcomes and name in sections and name in listed
         assert "timeline:" in sections[name] and "verdict:" in sections[name]
 
@@ -102,3 +102,31 @@ def test_concurrency_runs_four_at_once_in_one_process(all_experiments):
     assert "up to 4 at once, on 4 threads" in sections["concurrency"]
     assert set(re.findall(r"^  (w1/\d) \|", sections["concurrency"], re.M)) == {"w1/1", "w1/2", "w1/3", "w1/4"}
     assert queue_after(sections["concurrency"]) == (0, 0)
+
+
+def test_hung_task_is_stopped_and_dead_lettered(all_experiments):
+    outcomes, sections = all_experiments
+    result = outcomes["hung-task"]
+    assert (result["done"], result["dead_lettered"], result["lost"]) == (3, 1, 0)
+    assert "stopped at the time limit of 0.25 s 2 times" in sections["hung-task"]
+    assert queue_after(sections["hung-task"], ".dlq") == (1, 0)
+
+
+def test_crash_loop_is_bounded(all_experiments):
+    outcomes, sections = all_experiments
+    result = outcomes["crash-loop"]
+    assert (result["done"], result["dead_lettered"], result["lost"]) == (3, 1, 0)
+    assert "'crash' killed the worker running it 3 times" in sections["crash-loop"]
+    assert queue_after(sections["crash-loop"], ".dlq") == (1, 0)
+    assert re.search(r"^  w1#4 \|", sections["crash-loop"], re.M)
+
+
+def test_retry_backoff_waits_between_tries(all_experiments):
+    outcomes, sections = all_experiments
+    result = outcomes["retry-backoff"]
+    assert (result["done"], result["dead_lettered"], result["lost"]) == (3, 1, 0)
+    waited = re.search(r"it waited ([\d.]+)s, ([\d.]+)s, ([\d.]+)s between tries", sections["retry-backoff"])
+    assert waited, sections["retry-backoff"]
+    for gap, delay in zip(map(float, waited.groups()), (0.25, 0.5, 0.5)):
+        assert delay - 0.1 <= gap <= delay + 2.5
+    assert queue_after(sections["retry-backoff"], ".dlq") == (1, 0)
