@@ -251,6 +251,9 @@ def main() -> int:
             for prefetch in (1, 10, 100):
                 cmd = ours("worker.py", url, q, "--dot-seconds", 0, "--prefetch", prefetch)
                 workers[f"ours: worker.py --prefetch {prefetch}"] = cmd
+            for prefetch in (1, 10):  # each task in a child process (what --time-limit implies)
+                cmd = ours("worker.py", url, q, "--dot-seconds", 0, "--prefetch", prefetch, "--isolation", "process")
+                workers[f"ours: worker.py --prefetch {prefetch} --isolation process"] = cmd
             # A run's rate swings by +-10% with the broker's disk writes: so, rounds of one run each (in
             # turn forward and backward), each run compared with the tutorial's of its round; medians shown.
             rates: dict[str, list[float]] = {name: [] for name in workers}
@@ -306,6 +309,17 @@ def main() -> int:
             f"| drain: {name} | {drain_n:,} x {len(runs)} | {statistics.median(runs):,.0f}/s "
             f"| {statistics.median(ratios):.2f}x tutorial{spread} | |"
         )
+    costs = []
+    for prefetch in (1, 10):  # what a task costs more in a child process than in a thread, same rounds
+        thread, process = (
+            rates[f"ours: worker.py --prefetch {prefetch}"],
+            rates[f"ours: worker.py --prefetch {prefetch} --isolation process"],
+        )
+        costs.append(statistics.median(1e6 / p - 1e6 / t for p, t in zip(process, thread)))
+    out.append(
+        f"| --isolation process: cost per task over threads, prefetch 1 / prefetch 10 | {drain_n:,} x {rounds} "
+        f"| {costs[0]:+.0f} µs / {costs[1]:+.0f} µs | | |"
+    )
     if times:
         tutorial_time = statistics.median(worker for worker, _ in next(iter(times.values())))
         for name, runs in times.items():

@@ -21,8 +21,12 @@ def test_benchmark_runs_and_prints_its_table(broker):
     )
     assert result.returncode == 0, result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    # header, separator, 4 publish, 4 drain, 6 concurrency, 2 makespan and 2 memory rows; 3 turnaround rows when root
-    assert len(table) == 20 + (3 if as_root else 0)
+    # header, separator, 4 publish, 6 drain, 1 isolation cost, 6 concurrency, 2 makespan and 2 memory rows;
+    # 3 turnaround rows when root
+    assert len(table) == 23 + (3 if as_root else 0)
+    assert re.search(
+        r"\| --isolation process: cost per task over threads.* \| [+-]\d+ µs / [+-]\d+ µs \|", result.stdout
+    )
     for concurrency in (1, 4, 16):
         assert re.search(
             rf"\| drain, 50 ms I/O-bound tasks: \*\*ours\*\*: worker.py --concurrency {concurrency} \|", result.stdout
