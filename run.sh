@@ -31,7 +31,7 @@ setup_python() {  # setup_python REQUIREMENTS-FILE
         python3 -m venv .venv 2>/dev/null || { need_debian_package python3-venv "Python's venv module"; python3 -m venv .venv; }
     fi
     # Reinstall only when the requirements changed.
-    local stamp=".venv/.installed-$(cat requirements.txt "$1" | sha256sum | cut -c1-16)"
+    local stamp=".venv/.installed-$(cat requirements*.txt "$1" | sha256sum | cut -c1-16)"
     if [ ! -e "$stamp" ]; then
         .venv/bin/python -m pip install -q --disable-pip-version-check -r "$1"
         touch "$stamp"
@@ -59,7 +59,7 @@ case "${1:-}" in
         ;;
     bench)
         shift
-        setup_python requirements.txt
+        setup_python requirements-bench.txt  # ours, and Celery and Dramatiq to compare with
         setup_rabbitmq
         exec .venv/bin/python bench/bench.py "$@"
         ;;

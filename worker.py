@@ -30,13 +30,13 @@ import importlib
 import logging
 import multiprocessing
 import os
+import queue
 import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -45,6 +45,7 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
 import workqueue
+from metrics import Metrics, NoMetrics
 
 LOGGER = logging.getLogger("worker")
 
@@ -150,6 +151,13 @@ def make_argument_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to keep trying to reach the broker at start (later losses: retried until stopped)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=workqueue.number(int, minimum=1),
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics and a health check at /healthz",
+    )
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST", help="address for --metrics-port")
     workqueue.add_connection_arguments(parser)
     workqueue.add_queue_arguments(parser)
     return parser
@@ -208,6 +216,12 @@ def load_task(spec: str) -> Callable[[bytes], object]:
 # --- One delivery, and what became of it ---------------------------------------------
 
 
+class TaskState(enum.Enum):
+    WAITING = "waiting for a task thread"
+    RUNNING = "running"
+    DROPPED = "dropped: its channel died, or a warm shutdown gave it back"
+
+
 @dataclass(eq=False)  # compared and hashed by identity: each delivery is one of a kind
 class Delivery:
     """One task as it came from the broker, bound to the channel that must ack it."""
@@ -219,6 +233,7 @@ class Delivery:
     redelivered: bool
     retries: int  # failed attempts so far, from our x-retries header
     unsettled: int  # earlier deliveries of this message that were never settled (quorum queues only)
+    state: TaskState = TaskState.WAITING  # see TaskPool
 
     @property
     def attempt(self) -> int:
@@ -284,41 +299,87 @@ class Console:
 
 
 class TaskPool:
-    """Runs tasks in up to N threads; each task's Result is in its Future.
+    """Runs tasks in N threads of its own; each task's Result goes into `finished`.
 
     A thread runs its task itself (--isolation thread) or hands it to a child process of its own
     (--isolation process), which it kills and replaces when the task overruns --time-limit.
 
-    Shared with the connection's thread: `no_new_tasks`, an Event that the first signal sets;
-    from then on, no task starts. Its set() takes a lock that nothing else ever holds, so it is
-    safe in a signal handler. Results cross back only through Futures, which are thread-safe.
+    Shared with the connection's thread, and why no race can hurt:
+    - `todo` and `finished` are SimpleQueues (thread-safe): the connection's thread puts
+      deliveries into `todo`, task threads take them; task threads put (delivery, result) into
+      `finished`, and only the connection's thread takes from it.
+    - `Delivery.state` changes only under `state_lock`: WAITING -> RUNNING by the task thread that
+      takes it, or WAITING -> DROPPED by the connection's thread (drop()); never both.
+    - `awaited`, the delivery whose result the connection's thread is waiting for in on_message
+      (so its task thread need not wake it), is read and written under `state_lock` too.
+    - `no_new_tasks`, an Event that the first signal sets: from then on no task starts. Its set()
+      takes a lock that nothing else ever holds, so it is safe in a signal handler.
     """
 
-    def __init__(self, args: argparse.Namespace, task: Callable[[bytes], object], console: Console):
+    def __init__(self, args: argparse.Namespace, task: Callable[[bytes], object], console: Console, metrics):
         self.task = task
         self.console = console
+        self.metrics = metrics
         self.max_retries = args.max_retries
         self.in_process = args.isolation == "process"
         self.child_task = (args.task, args.dot_seconds)  # what a child process loads: it imports on its own
         self.time_limit = args.time_limit
         self.no_new_tasks = threading.Event()
-        self.thread_numbers = iter(range(1, args.concurrency + 1))
-        self.numbers_lock = threading.Lock()
-        self.local = threading.local()  # each thread's own number, and its child process
-        self.pool = futures.ThreadPoolExecutor(
-            args.concurrency, thread_name_prefix="task", initializer=self.number_thread
-        )
+        self.todo: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        self.finished: queue.SimpleQueue[tuple[Delivery, Result]] = queue.SimpleQueue()
+        self.state_lock = threading.Lock()
+        self.awaited: Delivery | None = None
+        self.local = threading.local()  # each thread's number, and its child process
+        self.wake: Callable[[Delivery], None] = lambda delivery: None  # set by the Worker
+        for number in range(1, args.concurrency + 1):
+            # Daemon threads: a worker that exits on an error does not wait for a hung task.
+            threading.Thread(target=self.serve, args=(number,), name=f"task-{number}", daemon=True).start()
 
-    def number_thread(self) -> None:
-        with self.numbers_lock:
-            self.local.number = next(self.thread_numbers)
-        self.local.child = None
+    def submit(self, delivery: Delivery) -> None:
+        self.todo.put(delivery)
 
-    def submit(self, delivery: Delivery) -> futures.Future:
-        return self.pool.submit(self.run, delivery)
+    def wait_for(self, delivery: Delivery, seconds: float) -> tuple[Delivery, Result] | None:
+        """In the connection's thread: the first (delivery, result) to finish within `seconds`, or None.
+        While we wait for `delivery`, its task thread does not wake us; it does again afterwards."""
+        with self.state_lock:
+            self.awaited = delivery
+        try:
+            done = self.finished.get(timeout=seconds)
+        except queue.Empty:
+            done = None
+        with self.state_lock:
+            self.awaited = None
+        return done
+
+    def drop(self, delivery: Delivery) -> bool:
+        """In the connection's thread: keep a delivery that waits for a thread from starting."""
+        with self.state_lock:
+            if delivery.state is TaskState.WAITING:
+                delivery.state = TaskState.DROPPED
+                return True
+            return False
+
+    def serve(self, number: int) -> None:
+        """A task thread: take a delivery, run it, report. Whatever happens becomes the task's
+        result, never a dead thread."""
+        self.local.number, self.local.child = number, None
+        while True:
+            delivery = self.todo.get()
+            with self.state_lock:
+                if delivery.state is TaskState.DROPPED:
+                    continue
+                delivery.state = TaskState.RUNNING
+            try:
+                result = self.run(delivery)
+            except BaseException as error:  # around the task (printing its line, say): the task failed
+                result = Result(Outcome.FAILED, reason(error))
+            with self.state_lock:
+                self.finished.put((delivery, result))
+                awaited = self.awaited is delivery
+            if not awaited:  # the connection's thread is not waiting for this one: wake it
+                self.wake(delivery)
 
     def run(self, delivery: Delivery) -> Result:
-        """In a task thread: run one task. What it raises is its result, never a dead thread."""
         if self.no_new_tasks.is_set():
             return Result(Outcome.NOT_STARTED)
         thread = self.local.number
@@ -327,6 +388,7 @@ class TaskPool:
         if delivery.unsettled > 1:
             again = f" (redelivered {delivery.unsettled} times)"
         self.console.say(f"[x] Received '{delivery.label}'{attempt}{again}", thread)
+        self.metrics.task_started()
         started = time.monotonic()
         if self.in_process:
             self.local.child = self.local.child or ChildProcess(*self.child_task)
@@ -337,10 +399,9 @@ class TaskPool:
                 why = None
             except BaseException as error:  # SystemExit from a task too: the task failed, the worker goes on
                 why = reason(error)
-        return Result(Outcome.FAILED if why else Outcome.DONE, why, time.monotonic() - started, thread)
-
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        seconds = time.monotonic() - started
+        self.metrics.task_ran(seconds)
+        return Result(Outcome.FAILED if why else Outcome.DONE, why, seconds, thread)
 
 
 # Child processes start from a fresh interpreter: no threads, sockets or locks of the worker in them.
@@ -436,9 +497,10 @@ class Worker:
     connection.add_callback_threadsafe (the one thread-safe call of a BlockingConnection).
     """
 
-    def __init__(self, args: argparse.Namespace, tasks: TaskPool, console: Console):
+    def __init__(self, args: argparse.Namespace, tasks: TaskPool, console: Console, metrics):
         self.args = args
         self.tasks = tasks
+        self.metrics = metrics
         self.say = console.say
         self.dead_letter_queue = workqueue.dead_letter_queue(args.queue)
         self.stopping = False  # set by the first signal, or once --max-tasks tasks were started
@@ -446,7 +508,7 @@ class Worker:
         self.started = 0  # tasks handed to the pool; --max-tasks counts these
         self.channel: BlockingChannel | None = None  # the current channel
         # Delivered and not settled yet: on the current channel, or running still after their channel died.
-        self.in_hand: dict[Delivery, futures.Future] = {}
+        self.in_hand: set[Delivery] = set()
 
     def run(self) -> int:
         """Connect, consume, and reconnect after every loss, until told to stop."""
@@ -454,6 +516,8 @@ class Worker:
         retry_for = self.args.connect_timeout
         backoff = workqueue.Backoff()
         while not self.stopping:
+            if retry_for is None:
+                self.metrics.reconnected()
             connected = workqueue.connect(urls, retry_for, should_stop=lambda: self.stopping)
             if connected is None:
                 break
@@ -472,6 +536,7 @@ class Worker:
                 self.drop_not_started()
                 running = len(self.in_hand) if not self.args.auto_ack else 0
                 LOGGER.warning("connection lost: %s; reconnecting%s", workqueue.describe(error), lost_acks(running))
+                self.metrics.lost(f"broker lost ({workqueue.describe(error)}): reconnecting")
                 if connection.is_open:
                     try:
                         connection.close()
@@ -509,9 +574,11 @@ class Worker:
                 auto_ack=self.args.auto_ack,
             )
             self.say("[*] Waiting for messages. To exit press CTRL+C")
+            self.metrics.consuming()
             channel.start_consuming()  # until our consumer is cancelled, by us or by the broker
             if self.stopping:
                 break
+            self.metrics.lost("the broker cancelled our consumer: declaring the queue again")
             LOGGER.warning(
                 "the broker cancelled our consumer (was queue '%s' deleted?): declaring it again", self.args.queue
             )
@@ -536,27 +603,23 @@ class Worker:
             # worker too: it goes to the dead-letter queue instead, and a crash loop ends here.
             self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, f"the worker running it died {unsettled} times"))
             return
-        future = self.tasks.submit(delivery)
-        self.in_hand[delivery] = future
+        self.in_hand.add(delivery)  # before submit(): its result may come back at once
+        self.tasks.submit(delivery)
         self.started += 1
         if self.args.max_tasks is not None and self.started >= self.args.max_tasks:
             self.stop_taking_tasks(channel)
         if len(self.in_hand) == 1:
             # Most tasks of a work queue are short: wait a moment, and a lone quick task is acked
-            # from here at once, without waking the connection's loop from the task thread.
-            try:
-                future.result(timeout=QUICK_TASK_SECONDS)  # cheaper than futures.wait()
-            except Exception:  # not done yet (a TimeoutError), or it failed: settle() tells which
-                pass
-        if future.done():
-            self.settle_finished()
-        else:
-            future.add_done_callback(functools.partial(self.wake, channel.connection))
+            # from here at once, not after another turn of the connection's loop.
+            done = self.tasks.wait_for(delivery, QUICK_TASK_SECONDS)
+            if done:
+                self.settle(*done)
+            self.settle_finished()  # any that finished meanwhile without waking us (they saw us waiting)
 
-    def wake(self, connection: pika.BlockingConnection, _future: futures.Future) -> None:
+    def wake(self, delivery: Delivery) -> None:
         """In a task thread, as its task ends: ask the connection's thread to settle it."""
         try:
-            connection.add_callback_threadsafe(self.settle_finished)
+            delivery.channel.connection.add_callback_threadsafe(self.settle_finished)
         except pika.exceptions.ConnectionWrongStateError:
             pass  # that connection is gone: tick() or finish_orphans() reports the lost ack
 
@@ -565,6 +628,7 @@ class Worker:
         and settle tasks whose wake-up could not reach us because their connection had died."""
         if not channel.is_open:
             return
+        self.act_on_stop()
         self.settle_finished()
         channel.connection.call_later(0.2, functools.partial(self.tick, channel))
 
@@ -578,10 +642,11 @@ class Worker:
         """Cancel the consumer: no more deliveries. After a signal, also give back every task that
         has not started; after --max-tasks, the tasks taken are all run."""
         self.stopping = True
+        self.metrics.lost("shutting down")
         if self.tasks.no_new_tasks.is_set():  # set by the signal (never with --auto-ack)
-            for delivery, future in list(self.in_hand.items()):
-                if future.cancel():  # still waiting for a thread
-                    del self.in_hand[delivery]
+            for delivery in list(self.in_hand):
+                if self.tasks.drop(delivery):  # still waiting for a thread
+                    self.in_hand.discard(delivery)
                     self.hand_back(delivery)
         if self.signalled and self.in_hand:
             running = workqueue.plural(len(self.in_hand), "running task")
@@ -603,33 +668,33 @@ class Worker:
         requeued them), and nothing of that channel may be acked on the next one."""
         if self.args.auto_ack:
             return  # auto-acked tasks are ours alone: do them rather than lose them
-        for delivery, future in list(self.in_hand.items()):
-            if future.cancel():
-                del self.in_hand[delivery]
+        for delivery in list(self.in_hand):
+            if self.tasks.drop(delivery):
+                self.in_hand.discard(delivery)
 
     def finish_orphans(self) -> None:
         """Leaving while disconnected: let the running tasks end (their acks are lost), then go."""
-        futures.wait(list(self.in_hand.values()))
-        self.settle_finished()
+        while self.in_hand:
+            self.settle(*self.tasks.finished.get())
 
     # Back in the connection's thread: ack, retry or dead-letter.
 
     def settle_finished(self) -> None:
-        self.act_on_stop()
-        for delivery, future in list(self.in_hand.items()):
-            if future.done():
-                del self.in_hand[delivery]
-                self.settle(delivery, future)
+        while True:
+            try:
+                delivery, result = self.tasks.finished.get_nowait()
+            except queue.Empty:
+                return
+            self.settle(delivery, result)
 
-    def settle(self, delivery: Delivery, future: futures.Future) -> None:
-        try:
-            result = future.result()
-        except BaseException as error:  # raised around the task (printing its line, say): it failed
-            result = Result(Outcome.FAILED, reason(error))
+    def settle(self, delivery: Delivery, result: Result) -> None:
+        self.act_on_stop()  # before an ack: the broker would send the next task at once
+        self.in_hand.discard(delivery)
         channel = delivery.channel  # its own channel, never another: delivery tags are per channel
         if result.outcome is Outcome.NOT_STARTED:
             self.hand_back(delivery)
         elif self.args.auto_ack:
+            self.metrics.settled("done" if result.outcome is Outcome.DONE else "lost")
             self.say(
                 f"[x] Done '{delivery.label}' in {result.seconds:.1f}s"
                 if result.outcome is Outcome.DONE
@@ -637,12 +702,14 @@ class Worker:
                 result.thread,
             )
         elif not channel.is_open:
+            self.metrics.settled("lost")
             self.say(
                 f"[!] Could not ack '{delivery.label}': its connection is gone; the broker will redeliver it",
                 result.thread,
             )
         elif result.outcome is Outcome.DONE:
             channel.basic_ack(delivery.delivery_tag)
+            self.metrics.settled("done")
             self.say(f"[x] Done '{delivery.label}' in {result.seconds:.1f}s", result.thread)
         else:
             self.retry_or_dead_letter(delivery, result)
@@ -684,6 +751,8 @@ class Worker:
                 }
             )
             target, what = self.dead_letter_queue, f"moved to {self.dead_letter_queue}"
+        if result.why.startswith("time limit of"):
+            self.metrics.settled("timed_out")
         try:
             delivery.channel.basic_publish(
                 exchange="",
@@ -694,11 +763,13 @@ class Worker:
             )
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
             delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
+            self.metrics.settled("retried")
             self.say(
                 f"[!] Failed '{delivery.label}': {result.why}; could not publish to {target}, requeued", result.thread
             )
             return
         delivery.channel.basic_ack(delivery.delivery_tag)
+        self.metrics.settled("dead_lettered" if target == self.dead_letter_queue else "retried")
         self.say(f"[!] Failed '{delivery.label}': {result.why}; {what}", result.thread)
 
     # Signals: the first asks for a warm shutdown, the second quits at once.
@@ -711,6 +782,7 @@ class Worker:
             )
             os._exit(128 + signum)
         self.stopping = self.signalled = True
+        self.metrics.problem = "shutting down"  # (an attribute write: safe in a signal handler)
         if not self.args.auto_ack:
             self.tasks.no_new_tasks.set()  # from now on no task starts; tick() cancels the consumer
         os.write(1, f"{self.args.name} [*] Warm shutdown: taking no new tasks\n".encode())
@@ -741,6 +813,20 @@ def republished(properties: pika.BasicProperties, headers: dict) -> pika.BasicPr
     return properties
 
 
+def serve_metrics(args: argparse.Namespace) -> Metrics:
+    """--metrics-port: Prometheus metrics and /healthz, from a thread of their own."""
+    try:
+        return Metrics(args.queue, args.metrics_host, args.metrics_port)
+    except ImportError as error:
+        raise workqueue.UsageError(
+            f"--metrics-port needs prometheus-client ({error}): pip install -r requirements.txt"
+        ) from None
+    except OSError as error:
+        raise workqueue.UsageError(
+            f"--metrics-port {args.metrics_port}: cannot listen on {args.metrics_host}: {error.strerror}"
+        ) from None
+
+
 def main() -> int:
     args = make_argument_parser().parse_args()
     workqueue.setup_logging(args.name)
@@ -763,14 +849,13 @@ def main() -> int:
         LOGGER.warning("auto-ack: the broker forgets each task when it is delivered; a crash loses it")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where is each thread stuck?
     console = Console(args.name, show_threads=args.concurrency > 1)
-    tasks = TaskPool(args, task, console)
-    worker = Worker(args, tasks, console)
+    metrics = serve_metrics(args) if args.metrics_port else NoMetrics()
+    tasks = TaskPool(args, task, console, metrics)
+    worker = Worker(args, tasks, console, metrics)
+    tasks.wake = worker.wake
     signal.signal(signal.SIGINT, worker.on_signal)
     signal.signal(signal.SIGTERM, worker.on_signal)
-    try:
-        return worker.run()
-    finally:
-        tasks.shutdown()  # on an error too: tasks not started are dropped (their channel is gone)
+    return worker.run()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import pika
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import peers  # noqa: E402
 import turnaround  # noqa: E402
 
 import local_broker  # noqa: E402
@@ -223,7 +224,8 @@ def concurrency_row(what: str, concurrency: int, count: int, rates: dict[int, li
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: checks that the benchmark runs")
-    parser.add_argument("--url", help="use this broker instead of a throwaway node (queues bench_*)")
+    parser.add_argument("--url", help="use this broker instead of a throwaway node (queues bench_*, peer_*)")
+    parser.add_argument("--no-peers", action="store_true", help="leave out Celery and Dramatiq")
     args = parser.parse_args()
     publish_n, per_process, drain_n, rounds, fair_n, dot = (
         (2000, 5, 500, 1, 9, 0.02) if args.quick else (100_000, 40, 5_000, 8, 30, 0.1)
@@ -286,6 +288,7 @@ def main() -> int:
             rr = measured_makespan(url, 0, dots, dot, tmp)
             print("Memory...", file=sys.stderr)
             memory = [(n, *publish_memory(url, n, tmp)) for n in memory_sizes]
+            peer_rows = [] if args.no_peers else peers.rows(url, args.quick, ideal_makespan)
     finally:
         if node:
             node.destroy()
@@ -343,6 +346,7 @@ def main() -> int:
         )
     for n, peak, rate in memory:
         out.append(f"| memory: new_task.py --file - | {n:,} | {rate:,.0f}/s | | {peak:.0f} MB |")
+    out += peer_rows
     print("\n".join(out))
     return 0
 

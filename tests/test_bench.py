@@ -22,8 +22,14 @@ def test_benchmark_runs_and_prints_its_table(broker):
     assert result.returncode == 0, result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     # header, separator, 4 publish, 6 drain, 1 isolation cost, 6 concurrency, 2 makespan and 2 memory rows;
-    # 3 turnaround rows when root
-    assert len(table) == 23 + (3 if as_root else 0)
+    # 3 turnaround rows when root; the peers: a heading, 3 drains x 4 systems and 4 makespans
+    assert len(table) == 23 + (3 if as_root else 0) + 17
+    for system in ("ours (classic)", "ours (quorum)", "Dramatiq: ", "Celery: "):
+        for what in ("one at a time", "best settings", "50 ms I/O-bound tasks, 8 at once", "makespan, 3 workers"):
+            assert re.search(rf"^\| [^|]*{re.escape(what)}[^|]*{re.escape(system)}", result.stdout, re.M), (
+                what,
+                system,
+            )
     assert re.search(
         r"\| --isolation process: cost per task over threads.* \| [+-]\d+ µs / [+-]\d+ µs \|", result.stdout
     )

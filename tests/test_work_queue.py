@@ -161,16 +161,20 @@ def assert_one_line_error(result, code: int, *phrases: str) -> None:
         assert phrase in result.stderr
 
 
-@pytest.mark.parametrize("script", ["new_task.py", "worker.py", "delete_queue.py"])
+SCRIPTS = ["new_task.py", "worker.py", "delete_queue.py", "dead_letters.py"]
+ACTION = {"dead_letters.py": ("list",)}  # the arguments a script needs before any option
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_usage_exits_2(env, script):
     result = run_script(script, "--no-such-option", env=env)
     assert result.returncode == 2
     assert "usage:" in result.stderr
-    bad_url = run_script(script, "--url", "http://guest:s3cret@localhost/", env=env)
+    bad_url = run_script(script, *ACTION.get(script, ()), "--url", "http://guest:s3cret@localhost/", env=env)
     assert_one_line_error(bad_url, 2, "not an AMQP URL", "guest:***@")
 
 
-@pytest.mark.parametrize("script", ["new_task.py", "worker.py", "delete_queue.py"])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_help_shows_examples_defaults_and_exit_codes(env, script):
     result = run_script(script, "--help", env=env)
     assert result.returncode == 0
@@ -184,6 +188,7 @@ def test_help_shows_examples_defaults_and_exit_codes(env, script):
         ("new_task.py", ("--connect-timeout", "1")),
         ("worker.py", ("--connect-timeout", "1")),
         ("delete_queue.py", ()),
+        ("dead_letters.py", ("list",)),
     ],
 )
 def test_unreachable_broker_exits_3(env, script, args):
@@ -192,11 +197,14 @@ def test_unreachable_broker_exits_3(env, script, args):
     assert_one_line_error(result, 3, "cannot reach 127.0.0.1")
 
 
-@pytest.mark.parametrize("script", ["new_task.py", "worker.py", "delete_queue.py"])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_wrong_password_exits_4_at_once(env, broker, script):
-    result = run_script(script, "--url", f"amqp://guest:s3cret@127.0.0.1:{broker.port}/%2F", env=env, timeout=20)
+    action = ACTION.get(script, ())
+    url = f"amqp://guest:s3cret@127.0.0.1:{broker.port}/%2F"
+    result = run_script(script, *action, "--url", url, env=env, timeout=20)
     assert_one_line_error(result, 4, "login refused")
-    no_vhost = run_script(script, "--url", f"amqp://guest:guest@127.0.0.1:{broker.port}/nope", env=env, timeout=20)
+    url = f"amqp://guest:guest@127.0.0.1:{broker.port}/nope"
+    no_vhost = run_script(script, *action, "--url", url, env=env, timeout=20)
     assert_one_line_error(no_vhost, 4, "login refused")
 
 

@@ -1,0 +1,113 @@
+"""Prometheus metrics and a health check for worker.py --metrics-port.
+
+prometheus-client is imported only when that option is given (Metrics); without it the worker
+uses NoMetrics, which does nothing. One HTTP server in a thread of its own serves:
+
+    GET /metrics   Prometheus text: tasks by outcome, task durations, tasks in progress,
+                   the connection's state and its reconnects
+    GET /healthz   200 while the worker is connected and consuming; else 503 and why
+
+Thread safety: prometheus-client's metrics are safe to update from any thread (the task threads
+count tasks in progress, the connection's thread counts outcomes). `problem` is written by the
+connection's thread only and read by the HTTP thread: one reference, read whole.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+OUTCOMES = ("done", "retried", "dead_lettered", "lost", "timed_out")
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_message(self, *_args) -> None:  # a scrape every 15 s is not news
+        pass
+
+
+class Metrics:
+    def __init__(self, queue: str, host: str, port: int):
+        import prometheus_client as prom  # noqa: PLC0415  (here: only a worker with --metrics-port needs it)
+
+        self.queue = queue
+        self.registry = prom.CollectorRegistry()
+        self.tasks = prom.Counter(
+            "workqueue_tasks",
+            "Tasks settled, by outcome (timed_out is counted too when a time limit stopped a task)",
+            ["queue", "outcome"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:  # every series present from the start, at 0
+            self.tasks.labels(queue, outcome)
+        self.seconds = prom.Histogram(
+            "workqueue_task_seconds", "Time each task ran", ["queue"], registry=self.registry
+        ).labels(queue)
+        self.in_progress = prom.Gauge(
+            "workqueue_tasks_in_progress", "Tasks running now", ["queue"], registry=self.registry
+        ).labels(queue)
+        self.connected_gauge = prom.Gauge(
+            "workqueue_connected", "1 while connected to the broker and consuming, else 0", registry=self.registry
+        )
+        self.reconnects = prom.Counter(
+            "workqueue_reconnects", "Connections opened again after a loss", registry=self.registry
+        )
+        self.problem: str | None = "connecting to the broker"  # None: healthy
+        self.metrics_app = prom.make_wsgi_app(self.registry)
+        # Raises OSError when the port is taken: the caller turns it into a usage error.
+        self.server: WSGIServer = make_server(host, port, self.app, handler_class=QuietHandler)
+        threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
+
+    def app(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/healthz":
+            problem = self.problem
+            status = "503 Service Unavailable" if problem else "200 OK"
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"{problem or f'ok: connected and consuming from {self.queue!r}'}\n".encode()]
+        return self.metrics_app(environ, start_response)
+
+    # Called by the worker.
+
+    def consuming(self) -> None:
+        self.problem = None
+        self.connected_gauge.set(1)
+
+    def lost(self, why: str) -> None:
+        self.problem = why
+        self.connected_gauge.set(0)
+
+    def reconnected(self) -> None:
+        self.reconnects.inc()
+
+    def settled(self, outcome: str) -> None:
+        self.tasks.labels(self.queue, outcome).inc()
+
+    def task_started(self) -> None:
+        self.in_progress.inc()
+
+    def task_ran(self, seconds: float) -> None:
+        self.in_progress.dec()
+        self.seconds.observe(seconds)
+
+
+class NoMetrics:
+    """Without --metrics-port: the same calls, doing nothing."""
+
+    problem = None
+
+    def consuming(self) -> None:
+        pass
+
+    def lost(self, why: str) -> None:
+        pass
+
+    def reconnected(self) -> None:
+        pass
+
+    def settled(self, outcome: str) -> None:
+        pass
+
+    def task_started(self) -> None:
+        pass
+
+    def task_ran(self, seconds: float) -> None:
+        pass

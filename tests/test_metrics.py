@@ -1,0 +1,103 @@
+"""worker.py --metrics-port: Prometheus metrics and /healthz, scraped as Prometheus and a probe would."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+from conftest import ROOT, publish, run_script, start_worker, wait_for_counts, wait_until
+
+from local_broker import free_port
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text (its labels in any order)."""
+    for line in text.splitlines():
+        found = re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)", line)
+        if found and dict(re.findall(r'(\w+)="([^"]*)"', found[1] or "")) == labels:
+            return float(found[2])
+    raise AssertionError(f"no {name} {labels} in:\n{text}")
+
+
+def test_counters_are_exact_after_a_known_mix_of_tasks(env, queue, start, broker):
+    port = free_port()
+    worker = start_worker(start, queue, "--metrics-port", str(port), "--max-retries", "1", "--retry-delays", "0")
+    publish(env, queue, "ok1.", "an error", "ok2.")
+    worker.wait_for(r"Failed 'an error': .*moved to ")
+    worker.wait_for(r"Done 'ok2\.'")
+
+    _, text = get(port, "/metrics")
+    assert sample(text, "workqueue_tasks_total", queue=queue, outcome="done") == 2
+    assert sample(text, "workqueue_tasks_total", queue=queue, outcome="retried") == 1
+    assert sample(text, "workqueue_tasks_total", queue=queue, outcome="dead_lettered") == 1
+    assert sample(text, "workqueue_tasks_total", queue=queue, outcome="lost") == 0
+    assert sample(text, "workqueue_task_seconds_count", queue=queue) == 4  # every run: 2 done, 2 failed
+    assert sample(text, "workqueue_task_seconds_bucket", queue=queue, le="+Inf") == 4
+    assert sample(text, "workqueue_tasks_in_progress", queue=queue) == 0
+    assert sample(text, "workqueue_connected") == 1
+    assert sample(text, "workqueue_reconnects_total") == 0
+
+
+def test_a_timed_out_task_is_counted(env, queue, start, broker):
+    port = free_port()
+    worker = start_worker(start, queue, "--metrics-port", str(port), "--time-limit", "0.5", "--max-retries", "0")
+    publish(env, queue, "hang")
+    worker.wait_for(r"Failed 'hang': time limit of 0.5 s exceeded; moved to ")
+    _, text = get(port, "/metrics")
+    assert sample(text, "workqueue_tasks_total", queue=queue, outcome="timed_out") == 1
+    assert sample(text, "workqueue_tasks_total", queue=queue, outcome="dead_lettered") == 1
+
+
+def test_healthz_follows_the_broker_down_and_back(env, queue, start, running_broker):
+    port = free_port()
+    worker = start_worker(start, queue, "--metrics-port", str(port))
+    assert get(port, "/healthz") == (200, f"ok: connected and consuming from '{queue}'\n")
+
+    running_broker.stop()
+    wait_until(lambda: get(port, "/healthz")[0] == 503, timeout=30, what="/healthz to answer 503")
+    _, reason = get(port, "/healthz")
+    assert reason.count("\n") == 1 and ("broker lost" in reason or "connecting" in reason), reason
+    assert sample(get(port, "/metrics")[1], "workqueue_connected") == 0
+
+    running_broker.start()
+    wait_until(lambda: get(port, "/healthz")[0] == 200, timeout=90, what="/healthz to answer 200 again")
+    assert sample(get(port, "/metrics")[1], "workqueue_reconnects_total") >= 1
+    publish(env, queue, "after")
+    worker.wait_for(r"Done 'after'")
+    wait_for_counts(running_broker, queue, 0, 0)
+
+
+def test_healthz_says_shutting_down(env, queue, start, broker):
+    port = free_port()
+    worker = start_worker(start, queue, "--metrics-port", str(port), "--dot-seconds", "1")
+    publish(env, queue, "long...")
+    worker.wait_for(r"Received 'long")
+    worker.signal()
+    wait_until(lambda: get(port, "/healthz") == (503, "shutting down\n"), timeout=10, what="503 shutting down")
+    assert worker.wait(timeout=30) == 0
+
+
+def test_a_port_in_use_is_a_usage_error(env, queue):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_script("worker.py", "--queue", queue, "--metrics-port", str(port), env=env)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"--metrics-port {port}: cannot listen on 127.0.0.1: Address already in use" in result.stderr
+
+
+def test_without_the_option_nothing_is_imported_or_served():
+    code = "import sys, worker; print('prometheus_client' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
