@@ -15,6 +15,7 @@ app.conf.update(
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    worker_enable_remote_control=False,  # no pidbox queue: several workers on one host need no names
 )
 
 

@@ -82,6 +82,7 @@ class Lab:
         self.env = {
             **os.environ,
             "BENCH_AMQP_URL": url,
+            "AMQP_URL": url,  # ours
             "BENCH_DONE_FILE": str(self.done_file),
             "BENCH_DOT_SECONDS": str(dot_seconds),
             "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]),
