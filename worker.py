@@ -51,6 +51,7 @@ LOGGER = logging.getLogger("worker")
 
 QUICK_TASK_SECONDS = 0.005  # how long on_message waits for a lone task before going back to the connection
 STEADY_SECONDS = 10.0  # a connection that lived this long resets the reconnect backoff
+CHILD_START_SECONDS = 60.0  # a child process (--isolation process) must be ready to take tasks by then
 
 EXAMPLES = """\
 examples:
@@ -427,6 +428,10 @@ class ChildProcess:
         )
         self.process.start()
         child_end.close()
+        # Wait until it has loaded the task: a time limit counts the task's time, not the start-up's.
+        if not self.pipe.poll(CHILD_START_SECONDS) or self.pipe.recv() != "ready":
+            self.process.kill()
+            raise RuntimeError(f"a child process did not start within {CHILD_START_SECONDS}s")
 
     def run(self, body: bytes, time_limit: float | None) -> str | None:
         """Run one task in the child: None if it was done, else why it failed."""
@@ -463,6 +468,7 @@ def child_main(pipe, task_spec: str | None, dot_seconds: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the worker decides
     die_with_the_worker()
     task = load_task(task_spec) if task_spec else dot_task(dot_seconds)
+    pipe.send("ready")
     while True:
         try:
             body = pipe.recv_bytes()
