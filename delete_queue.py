@@ -58,21 +58,21 @@ def delete_or_purge(args: argparse.Namespace, channel, url: str) -> int:
 
     if args.purge:
         result = channel.queue_purge(queue=args.queue)
-        print(f" [x] Purged {result.method.message_count} messages from '{args.queue}'")
+        print(f" [x] Purged {workqueue.plural(result.method.message_count, 'message')} from '{args.queue}'")
         return workqueue.EXIT_OK
 
     # Quorum queues refuse the if-empty and if-unused flags (540 NOT_IMPLEMENTED),
     # so check the conditions here, from the passive declare's counts.
     if args.if_empty and declared.message_count:
         raise workqueue.QueueInUse(
-            f"queue '{args.queue}' not deleted: it is not empty ({declared.message_count} ready)"
+            f"queue '{args.queue}' not deleted: it is not empty ({declared.message_count:,} ready)"
         )
     if args.if_unused and declared.consumer_count:
         raise workqueue.QueueInUse(
-            f"queue '{args.queue}' not deleted: it is in use ({declared.consumer_count} consumers)"
+            f"queue '{args.queue}' not deleted: it is in use ({workqueue.plural(declared.consumer_count, 'consumer')})"
         )
     result = channel.queue_delete(queue=args.queue)
-    print(f" [x] Deleted queue '{args.queue}' ({result.method.message_count} messages dropped)")
+    print(f" [x] Deleted queue '{args.queue}' ({workqueue.plural(result.method.message_count, 'message')} dropped)")
     return workqueue.EXIT_OK
 
 

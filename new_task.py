@@ -204,7 +204,8 @@ class Publisher:
                     backoff.reset()
             pause = backoff.next()
             if time.monotonic() + pause > deadline and attempt % len(self.urls) == 0:
-                raise workqueue.BrokerUnreachable(f"{self.last_error} (gave up after {retry_for:g}s)")
+                tried = time.monotonic() - (deadline - retry_for)
+                raise workqueue.BrokerUnreachable(f"{self.last_error} (gave up after trying for {tried:.1f}s)")
             time.sleep(pause)
 
     # Connection and channel: each step opens the next.
@@ -374,7 +375,7 @@ def main() -> int:
             f"({outbox.nacked} nacked, {outbox.returned} unroutable)"
         )
     if args.file:
-        print(f" [x] Sent {outbox.confirmed - outbox.returned:,} messages, all confirmed")
+        print(f" [x] Sent {workqueue.plural(outbox.confirmed - outbox.returned, 'message')}, all confirmed")
         if outbox.resent:
             print(f" [x] {outbox.resent:,} were sent again after a connection drop or a nack (possible duplicates)")
     else:

@@ -572,6 +572,8 @@ class Worker:
                     durable=True,
                     arguments=workqueue.wait_queue_arguments(self.args.queue, self.args.queue_type, delay),
                 )
+            if self.args.max_tasks is not None and self.started >= self.args.max_tasks:
+                self.stopping = True  # --max-tasks 0, or all taken before a reconnect: none more
             if self.stopping:
                 break
             channel.basic_consume(

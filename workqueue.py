@@ -220,7 +220,9 @@ def connection_parameters(url: str) -> pika.URLParameters:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
-        raise UsageError(f"not an AMQP URL: {redact(url)} (expected amqp://user:password@host:port/vhost)")
+        raise UsageError(
+            f"not an AMQP URL: {redact(url)} (expected amqp:// or amqps://, then user, password, host, port, vhost)"
+        )
     try:
         parameters = pika.URLParameters(url)
     except Exception as error:
@@ -273,7 +275,8 @@ def connect(
     BrokerUnreachable. A refused login raises LoginRefused at once: no retry.
     Returns None if ``should_stop()`` became true while waiting.
     """
-    deadline = None if retry_for is None else time.monotonic() + retry_for
+    started = time.monotonic()
+    deadline = None if retry_for is None else started + retry_for
     backoff = Backoff()
     announced = False
     while True:
@@ -288,7 +291,7 @@ def connect(
                 reason = f"cannot reach {where(url)}: {describe(error)}"
         pause = backoff.next()
         if deadline is not None and time.monotonic() + pause > deadline:
-            raise BrokerUnreachable(f"{reason} (gave up after {retry_for:g}s)")
+            raise BrokerUnreachable(f"{reason} (gave up after trying for {time.monotonic() - started:.1f}s)")
         if not announced and (retry_for is None or retry_for > 5):  # say why we wait, if it may be long
             announce(f"{reason}; retrying" + (f" for up to {retry_for:g}s" if retry_for else ""))
             announced = True

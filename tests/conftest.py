@@ -191,7 +191,7 @@ def publish(env: dict, queue: str, *messages: str, extra: tuple[str, ...] = ()) 
     """Send tasks with new_task.py --file, as a user would, and check it confirmed them all."""
     result = run_script("new_task.py", "--queue", queue, "--file", "-", *extra, env=env, stdin="\n".join(messages))
     assert result.returncode == 0, result.stderr
-    assert f"Sent {len(messages):,} messages" in result.stdout
+    assert f"Sent {len(messages):,} message{'' if len(messages) == 1 else 's'}, all confirmed" in result.stdout
 
 
 def done_tasks(*workers: Script) -> list[str]:

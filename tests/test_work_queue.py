@@ -334,3 +334,58 @@ def test_access_refused_is_one_line_and_exit_9_not_a_reconnect_loop(env, queue, 
     )
     assert_one_line_error(result, 9, "access refused", "rabbitmqctl list_permissions -p /")
     assert f"127.0.0.1:{limited_user.split(':')[-1].split('/')[0]} vhost '/'" in result.stderr
+
+
+# --- Bad values are usage errors that name the value (exit 2, one line) ----------------
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "extra_env", "named"),
+    [
+        ("worker.py", (), {"DOT_SECONDS": "abc"}, "'abc'"),
+        ("worker.py", (), {"DOT_SECONDS": "-1"}, "-1"),
+        ("worker.py", ("--concurrency", "0"), {}, "0"),
+        ("worker.py", ("--retry-delays", "1,,3"), {}, "1,,3"),
+        ("worker.py", ("--time-limit", "0"), {}, "0"),
+        ("new_task.py", ("--connect-timeout", "-5"), {}, "-5"),
+        ("exercises.py", ("demo", "--dot-seconds", "-1"), {}, "-1"),
+        ("local_broker.py", ("--cluster", "-1"), {}, "-1"),
+        ("dead_letters.py", ("list", "--limit", "0"), {}, "0"),
+    ],
+)
+def test_bad_values_are_usage_errors_naming_the_value(env, script, args, extra_env, named):
+    result = run_script(script, *args, env={**env, **extra_env}, timeout=30)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert named in result.stderr.splitlines()[-1]
+
+
+def test_max_tasks_0_starts_nothing(env, queue, broker):
+    publish(env, queue, "waiting")
+    result = run_script("worker.py", "--queue", queue, "--max-tasks", "0", env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "Received" not in result.stdout
+    wait_for_counts(broker, queue, 1, 0)
+
+
+def test_counts_of_one_are_singular(env, queue, broker):
+    publish(env, queue, "only one")  # publish() checks "Sent 1 message, all confirmed"
+    purged = run_script("delete_queue.py", queue, "--purge", env=env)
+    assert purged.stdout == f" [x] Purged 1 message from '{queue}'\n"
+
+
+def test_the_url_hint_is_not_redacted_and_give_up_says_when(env):
+    bad = run_script("worker.py", "--url", "http://h/", env=env)
+    assert "***" not in bad.stderr and "expected amqp:// or amqps://" in bad.stderr
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
+    for script in ("worker.py", "new_task.py"):
+        result = run_script(script, "--url", url, "--connect-timeout", "1", env=env, timeout=30)
+        assert result.returncode == 3
+        tried = float(re.search(r"gave up after trying for ([\d.]+)s", result.stderr)[1])
+        assert tried <= 1.5, result.stderr
+
+
+def test_new_task_names_host_and_vhost_when_the_login_is_refused(env, broker):
+    url = f"amqp://guest:s3cret@127.0.0.1:{broker.port}/%2F"
+    result = run_script("new_task.py", "--url", url, "x", env=env, timeout=20)
+    assert_one_line_error(result, 4, f"login refused by 127.0.0.1:{broker.port} vhost '/'")
