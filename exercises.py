@@ -370,11 +370,8 @@ def poison(lab: Lab) -> tuple[Outcome, str]:
     tasks = ["task1..", "an error.", "task3.", "task4..", "task5."]
     lab.send(tasks)
     lab.wait_until_done([t for t in tasks if "error" not in t])
-    dlq = workqueue.dead_letter_queue(lab.queue)
-    wait_for(lambda: (lab.counts(dlq) or (0, 0))[0] == 1, "the dead-letter queue")
+    dlq, result = one_dead_letter(lab)
     failures = sum(1 for w in lab.workers for _, line in w.events if "Failed 'an error.'" in line)
-    show_counts(lab, "after", [lab.queue, dlq])
-    result = outcome(lab, dead_lettered=1)
     return result, (
         f"'an error.' failed {failures} times (the first try and 2 retries, each at the back of the queue) "
         f"and was moved to {dlq}; the other {result.done} tasks were done meanwhile. Nothing lost."
@@ -435,6 +432,14 @@ def concurrency(lab: Lab) -> tuple[Outcome, str]:
     )
 
 
+def one_dead_letter(lab: Lab) -> tuple[str, Outcome]:
+    """Wait for the one dead task in the dead-letter queue, show both queues: (its name, the outcome)."""
+    dlq = workqueue.dead_letter_queue(lab.queue)
+    wait_for(lambda: (lab.counts(dlq) or (0, 0))[0] == 1, "the dead-letter queue")
+    show_counts(lab, "after", [lab.queue, dlq])
+    return dlq, outcome(lab, dead_lettered=1)
+
+
 def hung_task(lab: Lab) -> tuple[Outcome, str]:
     """A task that never returns, under --time-limit: stopped, retried, dead-lettered; the rest go on."""
     limit = round(lab.dot_seconds * 5, 3)
@@ -442,11 +447,8 @@ def hung_task(lab: Lab) -> tuple[Outcome, str]:
     tasks = ["task1..", "hang", "task3..", "task4.."]
     lab.send(tasks)
     lab.wait_until_done([t for t in tasks if t != "hang"])
-    dlq = workqueue.dead_letter_queue(lab.queue)
-    wait_for(lambda: (lab.counts(dlq) or (0, 0))[0] == 1, "the dead-letter queue")
+    dlq, result = one_dead_letter(lab)
     stopped = sum(1 for w in lab.workers for _, line in w.events if "Failed 'hang': time limit" in line)
-    show_counts(lab, "after", [lab.queue, dlq])
-    result = outcome(lab, dead_lettered=1)
     return result, (
         f"'hang' was stopped at the time limit of {limit:g} s {stopped} times (the first try and 1 retry): its "
         f"child process was killed and replaced, and the task moved to {dlq}. The other {result.done} tasks "
@@ -470,10 +472,7 @@ def crash_loop(lab: Lab) -> tuple[Outcome, str]:
         worker.killed_at = lab.now()
         deaths += 1
         lab.note(f"{worker.name} died ({died_how(worker.proc.returncode)}); restarting it")
-    dlq = workqueue.dead_letter_queue(lab.queue)
-    wait_for(lambda: (lab.counts(dlq) or (0, 0))[0] == 1, "the dead-letter queue")
-    show_counts(lab, "after", [lab.queue, dlq])
-    result = outcome(lab, dead_lettered=1)
+    dlq, result = one_dead_letter(lab)
     return result, (
         f"'crash' killed the worker running it {deaths} times. The next worker saw the quorum queue's "
         f"x-delivery-count ({deaths}: delivered {deaths} times, never settled) and moved it to {dlq} without "
@@ -497,8 +496,7 @@ def retry_backoff(lab: Lab) -> tuple[Outcome, str]:
     tasks = ["an error", "task2.", "task3.", "task4."]
     lab.send(tasks)
     lab.wait_until_done(tasks[1:])
-    dlq = workqueue.dead_letter_queue(lab.queue)
-    wait_for(lambda: (lab.counts(dlq) or (0, 0))[0] == 1, "the dead-letter queue")
+    dlq, result = one_dead_letter(lab)
     events = [(at, line) for at, line in worker.events if "'an error'" in line]
     gaps, failed_at = [], None
     for at, line in events:
@@ -506,8 +504,6 @@ def retry_backoff(lab: Lab) -> tuple[Outcome, str]:
             failed_at = at
         elif "Received" in line and failed_at is not None:
             gaps.append(at - failed_at)
-    show_counts(lab, "after", [lab.queue, dlq])
-    result = outcome(lab, dead_lettered=1)
     planned = ", ".join(f"{d:g}s" for d in [*delays, delays[-1]])
     waited = ", ".join(f"{g:.1f}s" for g in gaps)
     return result, (
