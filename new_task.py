@@ -9,13 +9,17 @@ counts as sent only once the broker confirmed it (publisher confirms).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import queue
 import sys
+import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pika
+from pika.adapters.select_connection import IOLoop
 
 import workqueue
 
@@ -24,6 +28,9 @@ LOGGER = logging.getLogger("new_task")
 CONFIRM_WINDOW = 1000  # messages published but not yet confirmed, at most
 RECONNECT_FOR = 60.0  # seconds to keep trying after a connection dropped mid-run
 CONFIRM_TIMEOUT = 15.0  # seconds without any confirm while messages wait for one: reconnect and resend
+CLOSE_TIMEOUT = 5.0  # seconds a broker has to answer our close before we drop the connection
+READ_CHUNK = 64 * 1024  # bytes read from the input at a time: a fast input comes in batches of lines
+READ_AHEAD = 4  # batches of lines read but not yet published, at most
 NACK_RETRIES = 6  # a nacked message is sent again this many times before it counts as failed
 
 EXAMPLES = """\
@@ -69,25 +76,79 @@ def make_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def lines_of(stream) -> Iterator[bytes]:
-    """Each non-empty line of a binary stream, without its line ending, read lazily."""
-    for line in stream:
-        body = line.rstrip(b"\r\n")
-        if body:
-            yield body
+END = None  # the input's last item in a line queue: no more lines
+
+
+def queued(*batches: Iterable[bytes]) -> queue.Queue:
+    """A line queue holding these batches of lines, then END: the input, all of it known already."""
+    lines: queue.Queue = queue.Queue()
+    for batch in batches:
+        lines.put(list(batch))
+    lines.put(END)
+    return lines
+
+
+class LineReader:
+    """Reads the input in a thread of its own and hands over its lines in batches, through a queue.
+
+    Reading a pipe blocks until the next line comes (`tail -f jobs.log | ...`); done in the
+    publisher's thread, that would hold the connection's ioloop, and each line back until the
+    next. Here a line goes into the queue as soon as it is read, with whatever else had come
+    (read1 returns what the pipe has, up to READ_CHUNK): a fast input is read in batches of
+    thousands of lines, a slow one line by line. Shared with the publisher's thread: only the
+    queue.Queue (thread-safe), and `wake`, which must be safe to call from this thread.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream  # owned by the reader thread
+        self.wake: Callable[[], None] = lambda: None
+        self.lines: queue.Queue = queue.Queue(maxsize=READ_AHEAD)  # full: the reader waits (back-pressure)
+        self.error: OSError | None = None  # set before END is queued; read by the publisher after END
+
+    def start(self, wake: Callable[[], None]) -> None:
+        """Start reading; `wake` is called (from the reader's thread) when lines come to an empty queue."""
+        self.wake = wake
+        # A daemon: if the broker is given up on, a reader still waiting on a pipe must not keep us alive.
+        threading.Thread(target=self._read, name="line-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        partial = b""  # the start of a line whose end has not been read yet
+        try:
+            while chunk := self.stream.read1(READ_CHUNK):
+                *complete, partial = (partial + chunk).split(b"\n")
+                self._put(complete)
+            self._put([partial])  # a last line without a line end
+        except OSError as error:
+            self.error = error
+        finally:
+            self._put(END)
+
+    def _put(self, batch: list[bytes] | None) -> None:
+        if batch is not END:
+            batch = [body for line in batch if (body := line.rstrip(b"\r"))]  # blank lines are no tasks
+            if not batch:
+                return
+        self.lines.put(batch)
+        # The publisher stops taking when it finds the queue empty; the one item in it now is
+        # then new, and the publisher may be idle: wake it. Only this thread puts, so no second
+        # item can slip in between; if the publisher took the item already, it was not idle.
+        if self.lines.qsize() == 1:
+            self.wake()
 
 
 class Outbox:
     """The messages to publish and those waiting for a confirm: pure bookkeeping, no I/O.
 
-    A message is (body, times nacked). take() hands out the next one while fewer than `window`
-    wait for a confirm; each then waits under its delivery tag until the broker acks it (done)
-    or nacks it (sent again later, up to NACK_RETRIES times, then failed). When a connection
-    drops, every unconfirmed message goes back to the front of the line, to be sent again.
+    The messages come in batches from `lines`, a queue.Queue that ends with END (a LineReader's,
+    or queued()). A message is (body, times nacked). take() hands out the next one while fewer
+    than `window` wait for a confirm; each then waits under its delivery tag until the broker
+    acks it (done) or nacks it (sent again later, up to NACK_RETRIES times, then failed). When a
+    connection drops, every unconfirmed message goes back to the front of the line, to be sent again.
     """
 
-    def __init__(self, messages: Iterator[bytes], window: int = CONFIRM_WINDOW):
-        self.messages = messages
+    def __init__(self, lines: queue.Queue, window: int = CONFIRM_WINDOW):
+        self.lines = lines
+        self.batch: Iterator[bytes] = iter(())  # the batch being taken from
         self.window = window
         self.to_resend: deque[tuple[bytes, int]] = deque()  # unconfirmed at a drop, or nacked
         self.unconfirmed: OrderedDict[int, tuple[bytes, int]] = OrderedDict()  # delivery tag -> message
@@ -107,10 +168,19 @@ class Outbox:
             message = self.to_resend.popleft()
             self.resent += 1
         else:
-            body = None if self.source_done else next(self.messages, None)
-            if body is None:
-                self.source_done = True
-                return None
+            body = next(self.batch, None)
+            while body is None:
+                if self.source_done:
+                    return None
+                try:
+                    batch = self.lines.get_nowait()
+                except queue.Empty:
+                    return None  # nothing read yet: the reader wakes the publisher when lines come
+                if batch is END:
+                    self.source_done = True
+                    return None
+                self.batch = iter(batch)
+                body = next(self.batch, None)
             message = (body, 0)
         self.last_tag += 1
         self.unconfirmed[self.last_tag] = message
@@ -150,6 +220,11 @@ class Publisher:
     nothing is lost (a message in flight at the drop may arrive twice). Each callback below
     opens the next step; one that ends the connection stops the ioloop, and run() decides
     what follows: done, a fatal error, or a reconnect after a pause.
+
+    Threads: run()'s thread owns the connection, the Outbox and every field here. The one
+    call from another thread is wake() (the LineReader's), which only asks the ioloop to call
+    publish_more. One ioloop serves each connection in turn, so a wake always reaches the
+    current one; a timer left from an earlier connection sees it is not current and stops.
     """
 
     def __init__(self, *, urls, queue, queue_type, persistent, outbox, connect_timeout, show_progress):
@@ -162,6 +237,7 @@ class Publisher:
         self.outbox = outbox
         self.connect_timeout = connect_timeout
         self.show_progress = show_progress
+        self.ioloop = IOLoop()
         self.started = time.monotonic()
         self.warned_of_nacks = False
         self.last_error = "no broker URL answered"
@@ -171,6 +247,8 @@ class Publisher:
         self.connection = self.channel = None
         self.opened = False  # it got as far as open
         self.declared = False  # the queue is declared: a 406 from now on is not about its arguments
+        self.ready = False  # its channel is in confirm mode and not closing: publish_more may publish
+        self.blocked = False  # the broker blocked it (a memory or disk alarm): waiting is not a failure
         self.nacked_here = False  # the broker nacked on it: publish nothing more there, reconnect
         self.why_closing: str | None = None  # why we closed it before we were done
         self.last_confirm = time.monotonic()
@@ -184,15 +262,16 @@ class Publisher:
         while True:
             self.url = self.urls[attempt % len(self.urls)]
             attempt += 1
-            self.opened = self.declared = self.nacked_here = False
+            self.opened = self.declared = self.ready = self.blocked = self.nacked_here = False
             confirmed_before = self.outbox.confirmed
             self.connection = pika.SelectConnection(
                 workqueue.connection_parameters(self.url),
                 on_open_callback=self.on_connection_open,
                 on_open_error_callback=self.on_connection_open_error,
                 on_close_callback=self.on_connection_closed,
+                custom_ioloop=self.ioloop,
             )
-            self.connection.ioloop.start()  # runs until a callback stops it
+            self.ioloop.start()  # runs until a callback stops it
             if self.fatal:
                 raise self.fatal
             if self.outbox.finished:
@@ -208,11 +287,17 @@ class Publisher:
                 raise workqueue.BrokerUnreachable(f"{self.last_error} (gave up after trying for {tried:.1f}s)")
             time.sleep(pause)
 
+    def wake(self) -> None:
+        """From the reader's thread: lines came, and the publisher may be idle waiting for them."""
+        self.ioloop.add_callback_threadsafe(self.publish_more)  # pika's one thread-safe call
+
     # Connection and channel: each step opens the next.
 
     def on_connection_open(self, connection):
-        """Connected: open a channel."""
+        """Connected: open a channel, and hear when the broker blocks or unblocks publishing."""
         self.opened = True
+        connection.add_on_connection_blocked_callback(self.on_blocked)
+        connection.add_on_connection_unblocked_callback(self.on_unblocked)
         connection.channel(on_open_callback=self.on_channel_open)
 
     def on_connection_open_error(self, connection, error):
@@ -222,10 +307,11 @@ class Publisher:
                 f"login refused by {workqueue.where(self.url)}: wrong user, password or vhost"
             )
         self.last_error = f"cannot reach {workqueue.where(self.url)}: {workqueue.describe(error)}"
-        connection.ioloop.stop()
+        self.ioloop.stop()
 
     def on_connection_closed(self, connection, reason):
         """Closed by us when done, or lost: then run() reconnects and sends the unconfirmed again."""
+        self.ready = False
         if not self.outbox.finished and not self.fatal:
             again = self.outbox.connection_lost()
             why = self.why_closing or f"connection lost ({workqueue.describe(reason)})"
@@ -233,7 +319,38 @@ class Publisher:
             if not self.nacked_here:  # nacks were announced when they came
                 LOGGER.warning("%s; reconnecting, %d unconfirmed message(s) will be sent again", why, again)
         self.why_closing = None
-        connection.ioloop.stop()
+        self.ioloop.stop()
+
+    def close(self, why: str | None = None) -> None:
+        """Close the connection, and drop it if the broker does not answer in CLOSE_TIMEOUT seconds.
+
+        A broker that stopped reading from us (a blocked connection, a queue deleted under a bulk
+        publish) never answers a close; waiting for it would hang the producer for good.
+        """
+        self.ready = False
+        connection = self.connection
+        if not connection.is_open:  # closing already, or closed
+            return
+        self.why_closing = self.why_closing or why
+        connection.close()
+        self.ioloop.call_later(CLOSE_TIMEOUT, functools.partial(self.drop_if_still_closing, connection))
+
+    def drop_if_still_closing(self, connection):
+        if connection is self.connection and connection.is_closing:
+            LOGGER.warning("no answer to our close for %gs; dropping the connection", CLOSE_TIMEOUT)
+            # pika has no public call for this; its heartbeat checker ends a silent connection the same way.
+            connection._terminate_stream(pika.exceptions.AMQPConnectionError("no answer to our close"))
+
+    def on_blocked(self, _connection, frame):
+        """A memory or disk alarm: the broker takes nothing until it lifts. Wait, no drop, no resend."""
+        self.blocked = True
+        reason = workqueue.printable(getattr(frame.method, "reason", "") or "a resource alarm", limit=200)
+        LOGGER.warning("the broker blocked publishing (%s); waiting until it unblocks", reason)
+
+    def on_unblocked(self, _connection, _frame):
+        self.blocked = False
+        self.last_confirm = time.monotonic()  # the confirm clock starts again
+        LOGGER.warning("the broker unblocked publishing; going on")
 
     def on_channel_open(self, channel):
         """Channel open: declare the durable queue, exactly as worker.py does."""
@@ -253,8 +370,7 @@ class Publisher:
             if reason.reply_code == 406 and not self.declared:
                 self.fatal = workqueue.queue_mismatch(self.queue, reason.reply_text)
             self.fatal = self.fatal or workqueue.access_refused(reason, self.url)
-        if self.connection.is_open:
-            self.connection.close()
+        self.close()
 
     def on_queue_declared(self, _frame):
         """Queue ready: turn on publisher confirms."""
@@ -263,34 +379,34 @@ class Publisher:
 
     def on_confirm_mode(self, _frame):
         """Confirms on: start publishing, and show progress on a terminal."""
+        self.ready = True
         if self.show_progress:
-            self.connection.ioloop.call_later(0.5, self.print_progress)
+            self.ioloop.call_later(0.5, functools.partial(self.print_progress, self.connection))
         self.last_confirm = time.monotonic()
-        self.connection.ioloop.call_later(1.0, self.watch_confirms)
+        self.ioloop.call_later(1.0, functools.partial(self.watch_confirms, self.connection))
         self.publish_more()
 
-    def watch_confirms(self):
+    def watch_confirms(self, connection):
         """A broker that neither acks nor nacks (a queue stuck without a leader) gets another chance elsewhere."""
-        if not self.connection.is_open:
+        if connection is not self.connection or not connection.is_open:
             return
-        if self.outbox.unconfirmed and time.monotonic() - self.last_confirm > CONFIRM_TIMEOUT:
-            self.why_closing = f"no confirm from the broker for {CONFIRM_TIMEOUT:.0f}s"
-            self.connection.close()  # on_connection_closed arranges the reconnect and the resend
-            return
-        self.connection.ioloop.call_later(1.0, self.watch_confirms)
+        if self.blocked or not self.outbox.unconfirmed:
+            self.last_confirm = time.monotonic()  # blocked by an alarm, or nothing to confirm: not a silence
+        elif time.monotonic() - self.last_confirm > CONFIRM_TIMEOUT:
+            self.close(f"no confirm from the broker for {CONFIRM_TIMEOUT:.0f}s")
+            return  # on_connection_closed arranges the reconnect and the resend
+        self.ioloop.call_later(1.0, functools.partial(self.watch_confirms, connection))
 
     # Publishing and confirms.
 
     def publish_more(self):
-        """Fill the confirm window; close the connection once everything is confirmed."""
-        if not self.channel.is_open:  # closing: the next connection takes over
+        """Fill the confirm window from what is read so far; close the connection once all is confirmed."""
+        if not self.ready:  # not yet in confirm mode, or closing: the next connection takes over
             return
         if self.nacked_here:  # publish nothing more here; once the window settles, reconnect
-            if not self.outbox.unconfirmed and self.connection.is_open:
-                self.connection.close()
+            if not self.outbox.unconfirmed:
+                self.close()
             return
-        if not self.outbox.unconfirmed:
-            self.last_confirm = time.monotonic()  # nothing was waiting: the confirm clock starts now
         while (body := self.outbox.take()) is not None:
             self.channel.basic_publish(
                 exchange="",
@@ -299,8 +415,8 @@ class Publisher:
                 properties=self.properties,
                 mandatory=True,  # an unroutable message comes back instead of vanishing
             )
-        if self.outbox.finished and self.connection.is_open:
-            self.connection.close()
+        if self.outbox.finished:
+            self.close()
 
     def on_confirm(self, frame):
         """The broker confirmed (ack) or refused (nack) one message, or all up to a tag."""
@@ -321,15 +437,15 @@ class Publisher:
         """Unroutable: the queue was deleted under us. Its ack follows; count it as failed."""
         self.outbox.returned += 1
 
-    def print_progress(self):
-        if self.outbox.finished or not self.connection.is_open:
+    def print_progress(self, connection):
+        if connection is not self.connection or self.outbox.finished or not connection.is_open:
             return
         rate = self.outbox.confirmed / max(time.monotonic() - self.started, 1e-9)
         sys.stderr.write(
             f"\r  {self.outbox.confirmed:,} confirmed, {len(self.outbox.unconfirmed):,} in flight ({rate:,.0f}/s)  "
         )
         sys.stderr.flush()
-        self.connection.ioloop.call_later(0.5, self.print_progress)
+        self.ioloop.call_later(0.5, functools.partial(self.print_progress, connection))
 
 
 def main() -> int:
@@ -341,6 +457,7 @@ def main() -> int:
     if args.transient and args.queue_type == "quorum":
         LOGGER.warning("--transient has no effect on a quorum queue: it keeps every message on disk")
 
+    reader = None
     if args.file:
         if args.words:
             raise workqueue.UsageError("give either words or --file, not both")
@@ -348,12 +465,12 @@ def main() -> int:
             stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
         except OSError as error:
             raise workqueue.UsageError(f"cannot read {args.file}: {error.strerror}") from None
-        messages = lines_of(stream)
+        reader = LineReader(stream)
+        outbox = Outbox(reader.lines)
     else:
         message = " ".join(args.words) or "Hello World!"
-        messages = iter([message.encode()])
+        outbox = Outbox(queued([message.encode()]))
 
-    outbox = Outbox(messages)
     publisher = Publisher(
         urls=urls,
         queue=args.queue,
@@ -363,11 +480,18 @@ def main() -> int:
         connect_timeout=args.connect_timeout,
         show_progress=bool(args.file) and sys.stderr.isatty(),
     )
+    if reader:
+        reader.start(wake=publisher.wake)
     try:
         publisher.run()
     finally:
         if publisher.show_progress:
             sys.stderr.write("\r\033[K")
+    if reader and reader.error:
+        raise workqueue.UsageError(
+            f"cannot read {args.file}: {reader.error.strerror} "
+            f"(the {workqueue.plural(outbox.confirmed, 'line')} before it were sent)"
+        )
     failed = outbox.nacked + outbox.returned
     if failed:
         raise workqueue.NotConfirmed(

@@ -95,11 +95,12 @@ def run_script(script: str, *args: str, env: dict, timeout: float = 60, stdin: s
 class Script:
     """A script running in the background, its output collected line by line."""
 
-    def __init__(self, script: str, *args: str, env: dict, cwd: Path = ROOT):
+    def __init__(self, script: str, *args: str, env: dict, cwd: Path = ROOT, stdin=None):
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / script), *args],
             env=env,
             cwd=cwd,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -152,6 +153,11 @@ class Script:
         self.reader.join(timeout=5)
         return code
 
+    def send(self, text: str) -> None:
+        """Write to the script's standard input (started with stdin=subprocess.PIPE), at once."""
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
 
@@ -170,8 +176,8 @@ def start(env):
     """start('worker.py', ...) runs a script in the background; all are killed after the test."""
     started: list[Script] = []
 
-    def start_script(script: str, *args: str, env: dict = env, cwd: Path = ROOT) -> Script:
-        process = Script(script, *args, env=env, cwd=cwd)
+    def start_script(script: str, *args: str, env: dict = env, cwd: Path = ROOT, stdin=None) -> Script:
+        process = Script(script, *args, env=env, cwd=cwd, stdin=stdin)
         started.append(process)
         return process
 

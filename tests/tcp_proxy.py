@@ -1,5 +1,6 @@
 """A TCP forwarder between a client and the broker, so a test can cut connections
-without touching the broker (pika's own acceptance tests do the same)."""
+without touching the broker (pika's own acceptance tests do the same), or freeze
+them: a broker that stops answering, while the connection stays open."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class TcpProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections: list[socket.socket] = []
+        self.frozen: set[socket.socket] = set()  # sockets whose data is read and thrown away
         self.lock = threading.Lock()
         self.accepted = 0
         threading.Thread(target=self._accept, daemon=True).start()
@@ -38,11 +40,11 @@ class TcpProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if source not in self.frozen:
+                    sink.sendall(data)
         except OSError:
             pass
         for sock in (source, sink):
@@ -61,6 +63,11 @@ class TcpProxy:
                 sock.close()  # linger 0: the peer sees a reset, not a clean close
             except OSError:
                 pass
+
+    def freeze(self) -> None:
+        """From now on, nothing passes either way on the open connections; new ones work."""
+        with self.lock:
+            self.frozen.update(self.connections)
 
     def close(self) -> None:
         self.listener.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 from urllib.parse import quote
 
 import pika
@@ -26,6 +27,8 @@ from conftest import (
     wait_until,
 )
 from tcp_proxy import TcpProxy
+
+import new_task
 
 
 def all_bodies(broker, queue: str) -> list[bytes]:
@@ -125,6 +128,69 @@ def test_producer_sends_every_unconfirmed_message_again_after_a_cut(queue, start
     bodies = all_bodies(broker, queue)
     assert {int(b) for b in bodies} == set(range(count))  # nothing lost
     assert count <= len(bodies) <= count + resent  # duplicates only among the resent
+
+
+def test_producer_drops_a_connection_whose_broker_stops_answering(queue, start, broker, proxy, tmp_path):
+    """No confirm, and no answer to our close either (a stuck node, a link that died but stays open):
+    the producer gives up on that connection, reconnects and sends the unconfirmed messages again."""
+    count = 50_000
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"{i}\n" for i in range(count)))
+    # Without heartbeats, as a node that stops reading but still sends heartbeats would look to pika.
+    producer = start("new_task.py", "--queue", queue, "--file", str(tasks), "--url", proxy.url() + "?heartbeat=0")
+    wait_until(lambda: ready_count(broker.url, queue) > 2000, timeout=60, what="the first 2000 messages")
+    proxy.freeze()
+
+    assert producer.wait(timeout=60) == 0, producer.output
+    assert "no confirm from the broker for 15s" in producer.output
+    assert re.search(r"no answer to our close for \d+s; dropping the connection", producer.output)
+    assert f"Sent {count:,} messages, all confirmed" in producer.output
+    resent = int(re.search(r"([\d,]+) were sent again", producer.output)[1].replace(",", ""))
+    bodies = all_bodies(broker, queue)
+    assert {int(b) for b in bodies} == set(range(count))  # nothing lost
+    assert count <= len(bodies) <= count + resent  # duplicates only among the resent (their confirms froze)
+
+
+def test_producer_waits_while_the_broker_blocks_publishing(queue, start, broker):
+    """A memory or disk alarm blocks every publisher until it clears: say so once and wait, however
+    long it takes (a silence past the confirm timeout is no reason to reconnect), then go on."""
+    broker.rabbitmqctl("set_vm_memory_high_watermark", "0")  # 0: the memory alarm goes off at once
+    try:
+        producer = start("new_task.py", "--queue", queue, "Held back.")
+        producer.wait_for(r"the broker blocked publishing \(low on memory\); waiting until it unblocks")
+        with pytest.raises(subprocess.TimeoutExpired):  # still waiting, quietly, past the confirm timeout
+            producer.proc.wait(timeout=new_task.CONFIRM_TIMEOUT + 3)
+        assert producer.count(r"\S") == 1, producer.output
+    finally:
+        broker.rabbitmqctl("set_vm_memory_high_watermark", "0.4")  # the default
+
+    assert producer.wait(timeout=30) == 0, producer.output
+    assert "Sent 'Held back.'" in producer.output
+    assert "reconnecting" not in producer.output
+    assert [body for body, _headers in get_all(broker, queue)] == [b"Held back."]
+
+
+def test_producer_ends_when_its_quorum_queue_is_deleted_under_a_bulk_publish(env, queue, start, broker, tmp_path):
+    """The broker may close the connection, stop reading from it, or return the rest as unroutable:
+    whatever it does, the producer ends with one line saying what happened."""
+    count = 300_000
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"{i}\n" for i in range(count)))
+    producer = start("new_task.py", "--queue", queue, "--file", str(tasks))
+    wait_until(lambda: ready_count(broker.url, queue) > 20_000, timeout=60, what="the first 20,000 messages")
+    deleted = run_script("delete_queue.py", queue, env=env)
+    assert deleted.returncode == 0, deleted.stderr
+
+    code = producer.wait(timeout=90)
+    assert "Traceback" not in producer.output
+    if code == 0:  # the queue was declared again on a new connection, and the rest went there
+        assert f"Sent {count:,} messages, all confirmed" in producer.output
+    else:
+        assert code == 6, producer.output
+        assert re.search(
+            r"error: [\d,]+ of [\d,]+ message\(s\) not taken by the broker .* unroutable",
+            producer.lines[-1],
+        )
 
 
 # --- 4. Failing tasks -------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 import bench
 import workqueue
-from new_task import NACK_RETRIES, Outbox, lines_of
+from new_task import END, NACK_RETRIES, LineReader, Outbox, queued
 from worker import TaskFailed, dot_task, retries_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +80,33 @@ def test_login_errors_are_not_retried_but_lost_connections_are():
     assert workqueue.is_connection_lost(pika.exceptions.StreamLostError("reset"))
 
 
-def test_lines_of_skips_blank_lines_and_line_endings():
-    assert list(lines_of(io.BytesIO(b"a\r\n\nb\n\xff\n"))) == [b"a", b"b", b"\xff"]
+def read_all(reader: LineReader) -> list:
+    """Everything a LineReader queued, up to and with END (each get waits at most 5 s)."""
+    items = [reader.lines.get(timeout=5)]
+    while items[-1] is not END:
+        items.append(reader.lines.get(timeout=5))
+    return items
+
+
+def test_line_reader_skips_blank_lines_and_line_endings_and_keeps_a_last_line_without_one():
+    reader = LineReader(io.BytesIO(b"a\r\n\nb\n\xff\n\r\nlast"))
+    reader.start(wake=lambda: None)
+    batches = read_all(reader)
+    assert [line for batch in batches[:-1] for line in batch] == [b"a", b"b", b"\xff", b"last"]
+
+
+def test_line_reader_hands_over_a_line_at_once_and_wakes_the_publisher():
+    read_end, write_end = os.pipe()
+    woken = []
+    with open(read_end, "rb") as stream, open(write_end, "wb", buffering=0) as pipe:
+        reader = LineReader(stream)
+        reader.start(wake=lambda: woken.append(True))
+        pipe.write(b"first\nsecond")  # the second line is not complete yet
+        assert reader.lines.get(timeout=5) == [b"first"]  # while the pipe stays open
+        assert woken == [True]
+        pipe.write(b" half\n")
+        assert reader.lines.get(timeout=5) == [b"second half"]
+    assert reader.lines.get(timeout=5) is END
 
 
 def test_dot_task_fails_on_the_word_error_only():
@@ -134,7 +160,7 @@ def test_the_scripts_import_on_every_python_that_pyproject_claims(version):
 
 
 def test_outbox_keeps_at_most_a_window_unconfirmed_and_frees_a_slot_per_confirm():
-    outbox = Outbox(iter([b"a", b"b", b"c"]), window=2)
+    outbox = Outbox(queued([b"a", b"b", b"c"]), window=2)
     assert [outbox.take(), outbox.take(), outbox.take()] == [b"a", b"b", None]  # window full
     outbox.settle(1, multiple=False, ack=True)
     assert outbox.take() == b"c"
@@ -145,7 +171,7 @@ def test_outbox_keeps_at_most_a_window_unconfirmed_and_frees_a_slot_per_confirm(
 
 
 def test_outbox_sends_the_unconfirmed_again_first_after_a_drop_with_tags_from_1():
-    outbox = Outbox(iter([b"a", b"b", b"c", b"d"]), window=10)
+    outbox = Outbox(queued([b"a", b"b"], [b"c", b"d"]), window=10)
     taken = [outbox.take() for _ in range(3)]
     outbox.settle(1, multiple=False, ack=True)
     assert outbox.connection_lost() == 2
@@ -155,7 +181,7 @@ def test_outbox_sends_the_unconfirmed_again_first_after_a_drop_with_tags_from_1(
 
 
 def test_outbox_resends_a_nacked_message_until_it_gives_up():
-    outbox = Outbox(iter([b"x"]), window=10)
+    outbox = Outbox(queued([b"x"]), window=10)
     for attempt in range(NACK_RETRIES):
         assert outbox.take() == b"x"
         assert outbox.settle(outbox.last_tag, multiple=False, ack=False) == 1, attempt
@@ -165,8 +191,20 @@ def test_outbox_resends_a_nacked_message_until_it_gives_up():
     assert outbox.finished and outbox.nacked == 1 and outbox.confirmed == 0
 
 
+def test_outbox_waits_for_lines_not_read_yet_and_ends_only_at_end():
+    lines = queue.Queue()
+    outbox = Outbox(lines, window=10)
+    assert outbox.take() is None and not outbox.finished  # nothing read yet
+    lines.put([b"a"])
+    assert outbox.take() == b"a"
+    outbox.settle(1, multiple=False, ack=True)
+    assert outbox.take() is None and not outbox.finished  # all confirmed, but the input goes on
+    lines.put(END)
+    assert outbox.take() is None and outbox.finished
+
+
 def test_outbox_ignores_a_confirm_for_an_unknown_tag():
-    outbox = Outbox(iter([b"a"]), window=10)
+    outbox = Outbox(queued([b"a"]), window=10)
     outbox.take()
     outbox.settle(99, multiple=False, ack=True)
     assert outbox.confirmed == 0 and list(outbox.unconfirmed) == [1]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import get_all, publish, run_script, start_worker, wait_for_counts
+from conftest import get_all, publish, ready_count, run_script, start_worker, wait_for_counts, wait_until
 
 import bench
 from local_broker import free_port
@@ -255,6 +255,20 @@ def test_bulk_publish_from_stdin_skips_blank_lines(env, queue, broker):
     assert result.returncode == 0, result.stderr
     assert result.stdout == " [x] Sent 3 messages, all confirmed\n"
     assert [body for body, _ in get_all(broker, queue)] == [b"one", b"two", b"three"]
+
+
+def test_each_line_from_a_slow_pipe_is_sent_as_soon_as_it_is_read(env, queue, start, broker):
+    """`tail -f jobs.log | python new_task.py --file -`: a line goes out when it comes, not with the next one."""
+    producer = start("new_task.py", "--queue", queue, "--file", "-", stdin=subprocess.PIPE)
+    producer.send("first.\n")
+    wait_until(lambda: ready_count(broker.url, queue) == 1, timeout=10, what="the first line in the queue")
+    producer.send("second.\nthird, with no line end")
+    wait_until(lambda: ready_count(broker.url, queue) == 2, timeout=10, what="the second line in the queue")
+    assert producer.proc.poll() is None  # still reading
+    producer.proc.stdin.close()
+    assert producer.wait(timeout=30) == 0, producer.output
+    assert "Sent 3 messages, all confirmed" in producer.output
+    assert [body for body, _headers in get_all(broker, queue)] == [b"first.", b"second.", b"third, with no line end"]
 
 
 def test_worker_requires_a_valid_task_spec(env, queue):
