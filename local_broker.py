@@ -6,6 +6,8 @@ stopped, restarted and killed without touching any other broker.
 
     python local_broker.py               # start one node, print its URL, stop on Ctrl+C
     python local_broker.py --cluster 3   # a 3-node cluster, its URLs comma-separated
+    python local_broker.py restart       # from another terminal: restart the running node(s)
+    python local_broker.py ctl list_queues   # rabbitmqctl, aimed at the running node
 """
 
 from __future__ import annotations
@@ -281,17 +283,118 @@ class BrokerCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+EXAMPLES = """\
+examples:
+  python local_broker.py                  # one node; Ctrl+C stops and removes it
+  python local_broker.py --cluster 3      # three nodes joined in one cluster
+  python local_broker.py restart          # from another terminal: restart the running node(s)
+  python local_broker.py ctl list_queues name messages_ready messages_unacknowledged
+"""
+
+# Where a running `local_broker.py` says who it is, for `restart` and `ctl` in other terminals.
+STATE_FILE = Path(tempfile.gettempdir()) / f"workqueue-local-broker-{os.getuid()}.json"
+
+
+def write_state(state: dict) -> None:
+    partial = STATE_FILE.with_suffix(".tmp")
+    partial.write_text(json.dumps(state))
+    partial.replace(STATE_FILE)  # readers never see half a file
+
+
+def running_state() -> dict:
+    """What the running local_broker.py wrote, if it still runs; else a one-line error."""
+    try:
+        state = json.loads(STATE_FILE.read_text())
+        os.kill(state["pid"], 0)
+        return state
+    except (OSError, ValueError, KeyError, TypeError):
+        raise workqueue.BrokerUnreachable(
+            "no local_broker.py is running; start one in another terminal with: python local_broker.py"
+        ) from None
+
+
+def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
+    """Wait for Ctrl+C (or SIGTERM); on SIGHUP (`local_broker.py restart`) restart every node in turn."""
+    nodes = broker.nodes if isinstance(broker, BrokerCluster) else [broker]
+    state = {
+        "pid": os.getpid(),
+        "urls": urls,
+        "restarts": 0,
+        "nodes": [{"nodename": node.nodename, "home": str(node.base / "home")} for node in nodes],
+    }
+    write_state(state)
+    try:
+        while signal.sigwait({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) == signal.SIGHUP:
+            for node in nodes:
+                print(f"Restarting {node.nodename} (stop, then start)...", file=sys.stderr, flush=True)
+                node.restart()
+                if isinstance(broker, BrokerCluster):
+                    broker.wait_running(len(nodes))
+            state["restarts"] += 1
+            write_state(state)
+            print("Ready again, at the same URL", file=sys.stderr, flush=True)
+    finally:
+        if running_state_pid() == os.getpid():
+            STATE_FILE.unlink(missing_ok=True)
+
+
+def running_state_pid() -> int | None:
+    try:
+        return json.loads(STATE_FILE.read_text())["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def restart(timeout: float = 300) -> int:
+    """Ask the running local_broker.py to restart its node(s), and wait until it has."""
+    state = running_state()
+    os.kill(state["pid"], signal.SIGHUP)
+    print("Restarting the local broker...", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            now = running_state()
+        except workqueue.BrokerUnreachable:
+            raise BrokerError("the local broker did not come back; see the terminal of local_broker.py") from None
+        if now["restarts"] > state["restarts"]:
+            print(" [x] Restarted the local broker; its URL is the same")
+            return workqueue.EXIT_OK
+    raise BrokerError(f"the local broker did not restart within {timeout:.0f}s")
+
+
+def ctl(arguments: list[str]) -> int:
+    """rabbitmqctl with these arguments, run against the running local_broker.py's (first) node."""
+    node = running_state()["nodes"][0]
+    command = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", node["nodename"], *arguments]
+    return subprocess.run(command, env={**os.environ, "HOME": node["home"]}, check=False).returncode
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["ctl"]:  # everything after it is rabbitmqctl's, options included
+        return ctl(sys.argv[2:])
     parser = argparse.ArgumentParser(
         description="Start a throwaway RabbitMQ node (or a local cluster), print its URL, and stop and "
-        "remove it on Ctrl+C.",
-        epilog="examples:\n  python local_broker.py\n  python local_broker.py --cluster 3",
+        "remove it on Ctrl+C. From another terminal, `restart` restarts it and `ctl ARGS...` runs "
+        "rabbitmqctl against it.",
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("start", "restart"),
+        default="start",
+        help="start a node and keep it until Ctrl+C (default), or restart the one running",
     )
     parser.add_argument(
         "--cluster", type=workqueue.number(int, minimum=1), metavar="N", help="start N nodes joined in one cluster"
     )
     args = parser.parse_args()
+    if args.command == "restart":
+        return restart()
+    # Signals are taken by sigwait() in serve(), not by handlers: blocked from here on.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     if args.cluster:
         print(f"Starting a {args.cluster}-node RabbitMQ cluster (about a minute)...", file=sys.stderr, flush=True)
         broker = BrokerCluster(size=args.cluster)
@@ -303,19 +406,18 @@ def main() -> int:
         urls = ",".join(broker.urls) if args.cluster else broker.url
         print(urls, flush=True)
         print(f"Ready: export AMQP_URL={urls}   (Ctrl+C stops and removes it)", file=sys.stderr, flush=True)
-        node = broker.nodes[0] if args.cluster else broker
         print(
-            f"Inspect it with: HOME={node.base / 'home'} {RABBITMQ_BIN / 'rabbitmqctl'} -n {node.nodename} "
-            "list_queues name messages_ready messages_unacknowledged",
+            "From another terminal: python local_broker.py ctl list_queues name messages_ready "
+            "messages_unacknowledged\n"
+            "                       python local_broker.py restart",
             file=sys.stderr,
             flush=True,
         )
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        serve(broker, urls)
     finally:
         broker.destroy()
     return 0
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     workqueue.run(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 
@@ -269,6 +270,27 @@ def test_each_line_from_a_slow_pipe_is_sent_as_soon_as_it_is_read(env, queue, st
     assert producer.wait(timeout=30) == 0, producer.output
     assert "Sent 3 messages, all confirmed" in producer.output
     assert [body for body, _headers in get_all(broker, queue)] == [b"first.", b"second.", b"third, with no line end"]
+
+
+def test_local_broker_restarts_its_node_and_keeps_durable_tasks(env, start, tmp_path):
+    """The README's restart experiment on a throwaway node: `local_broker.py restart` from another terminal."""
+    own = {**env, "TMPDIR": str(tmp_path)}  # its own state file: a local_broker.py of the user's is left alone
+    owner = start("local_broker.py", env=own)
+    owner.wait_for(r"^Ready: export AMQP_URL=", timeout=120)
+    own["AMQP_URL"] = re.search(r"^Ready: export AMQP_URL=(\S+)", owner.output, re.MULTILINE)[1]
+    assert run_script("new_task.py", "Still here after the restart.", env=own).returncode == 0
+
+    restarted = run_script("local_broker.py", "restart", env=own, timeout=200)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "Restarted the local broker" in restarted.stdout
+    owner.wait_for(r"^Ready again", timeout=10)
+    listed = run_script("local_broker.py", "ctl", "list_queues", "name", "messages", "--no-table-headers", env=own)
+    assert re.search(r"^task_queue\s+1$", listed.stdout, re.MULTILINE), listed.stdout + listed.stderr
+
+    owner.signal(signal.SIGINT)
+    assert owner.wait(timeout=60) == 0, owner.output
+    gone = run_script("local_broker.py", "restart", env=own)
+    assert gone.returncode == 3 and "no local_broker.py is running" in gone.stderr
 
 
 def test_worker_requires_a_valid_task_spec(env, queue):
