@@ -224,20 +224,34 @@ def use_colour() -> bool:
 
 def timeline(lab: Lab, width: int = 64) -> str:
     """A text Gantt chart: a row per worker, a letter per task (lower case: a redelivery),
-    '?' a task cut off by a kill, 'X' where a worker was killed."""
+    '?' a task cut off by a kill, 'X' where a worker was killed.
+
+    It spans from the first task (or kill) to now, so tasks that all come late (after a broker
+    restart) are not squeezed into the last cells. A task shorter than a cell takes one cell
+    all the same, the next free one: a row of quick tasks is drawn a little late."""
     tasks = list(dict.fromkeys(lab.sent))
     letter = {t: chr(ord("A") + i % 26) for i, t in enumerate(tasks)}
-    end = max([lab.now()] + [w.killed_at or 0 for w in lab.workers]) or 1.0
+    kills = [w.killed_at for w in lab.workers if w.killed_at is not None]
+    starts = [span[0] for worker in lab.workers for span in worker.spans()] + kills
+    origin = min(starts, default=0.0)
+    end = max([lab.now(), *kills])
+    span_seconds = max(end - origin, 1e-9)
+
+    def column(at: float) -> int:
+        return min(max(int((at - origin) / span_seconds * (width - 1)), 0), width - 1)
+
     colour = use_colour()
     label_width = max([3] + [len(span[4]) for worker in lab.workers for span in worker.spans()])
     rows = []
     for worker in lab.workers:
-        threads = sorted({span[4] for span in worker.spans()}) or [worker.name]
-        for thread in threads:  # one row per worker, or per thread of a worker with --concurrency
+        spans = sorted(worker.spans(), key=lambda span: span[0])
+        for thread in sorted({span[4] for span in spans}) or [worker.name]:  # a row per thread of a worker
             cells = [" "] * width
-            for start, stop, task, again, _ in (span for span in worker.spans() if span[4] == thread):
-                first = int(start / end * (width - 1))
-                last = int((stop if stop is not None else worker.killed_at or end) / end * (width - 1))
+            free = 0  # the first cell not taken by an earlier task of this row
+            for start, stop, task, again, _ in (span for span in spans if span[4] == thread):
+                first = min(max(column(start), free), width - 1)
+                last = column(stop if stop is not None else worker.killed_at or end)
+                free = max(last, first + 1)
                 mark = letter.get(task, "?")
                 mark = mark.lower() if again else mark
                 for col in range(first, max(last, first + 1)):
@@ -247,9 +261,10 @@ def timeline(lab: Lab, width: int = 64) -> str:
                         cell = f"\033[{code}m{cell}\033[0m"
                     cells[col] = cell
             if worker.killed_at is not None:
-                cells[min(int(worker.killed_at / end * (width - 1)), width - 1)] = "X"
+                cells[column(worker.killed_at)] = "X"
             rows.append(f"  {thread:>{label_width}} |{''.join(cells)}|")
-    ticks = f"  {'':>{label_width}}  0s{'':{width - 10}}{end:6.1f}s"
+    left, right = f"{origin:.1f}s", f"{end:.1f}s"  # under the first and the last cell
+    ticks = f"  {'':>{label_width}}  {left}{'':{width - len(left) - len(right)}}{right}"
     legend = [f"{letter[t]}={t}" for t in tasks]
     legend_lines = ["  " + "  ".join(legend[i : i + 4]) for i in range(0, len(legend), 4)]
     legend_lines.append("  (lower case: redelivered; ?: cut off by its worker's death; X: the worker died)")

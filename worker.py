@@ -712,7 +712,7 @@ class Worker:
         elif not channel.is_open:
             self.metrics.settled("lost")
             self.say(
-                f"[!] Could not ack '{delivery.label}': its connection is gone; the broker will redeliver it",
+                f"[!] Could not ack '{delivery.label}': its connection is gone; the broker redelivers it if it kept it",
                 result.thread,
             )
         elif result.outcome is Outcome.DONE:

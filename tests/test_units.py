@@ -8,6 +8,7 @@ import queue
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pika
@@ -229,3 +230,20 @@ def test_backoff_doubles_to_five_seconds_and_resets():
     assert [backoff.next() for _ in range(7)] == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
     backoff.reset()
     assert backoff.next() == 0.25
+
+
+def test_the_readmes_python_examples_pass_the_projects_lint(tmp_path):
+    """A user saves the README's mytasks.py in the repository: `./run.sh lint` must still pass."""
+    examples = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert examples
+    for number, code in enumerate(examples):
+        (tmp_path / f"example{number}.py").write_text(code)
+    config = str(ROOT / "pyproject.toml")
+    for check in (["check"], ["format", "--check"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *check, "--config", config, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
