@@ -94,9 +94,12 @@ class LineReader:
     Reading a pipe blocks until the next line comes (`tail -f jobs.log | ...`); done in the
     publisher's thread, that would hold the connection's ioloop, and each line back until the
     next. Here a line goes into the queue as soon as it is read, with whatever else had come
-    (read1 returns what the pipe has, up to READ_CHUNK): a fast input is read in batches of
+    (a raw read returns what the pipe has, up to READ_CHUNK): a fast input is read in batches of
     thousands of lines, a slow one line by line. Shared with the publisher's thread: only the
     queue.Queue (thread-safe), and `wake`, which must be safe to call from this thread.
+
+    The stream must be unbuffered (open(..., buffering=0)): a buffered one has a lock that
+    Python's exit waits for, and a reader still blocked in a read holds it (a fatal error).
     """
 
     def __init__(self, stream):
@@ -114,7 +117,7 @@ class LineReader:
     def _read(self) -> None:
         partial = b""  # the start of a line whose end has not been read yet
         try:
-            while chunk := self.stream.read1(READ_CHUNK):
+            while chunk := self.stream.read(READ_CHUNK):  # a raw file: one read(2), what is there
                 *complete, partial = (partial + chunk).split(b"\n")
                 self._put(complete)
             self._put([partial])  # a last line without a line end
@@ -462,7 +465,10 @@ def main() -> int:
         if args.words:
             raise workqueue.UsageError("give either words or --file, not both")
         try:
-            stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+            if args.file == "-":
+                stream = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
+            else:
+                stream = open(args.file, "rb", buffering=0)  # noqa: SIM115
         except OSError as error:
             raise workqueue.UsageError(f"cannot read {args.file}: {error.strerror}") from None
         reader = LineReader(stream)

@@ -99,7 +99,7 @@ def test_line_reader_skips_blank_lines_and_line_endings_and_keeps_a_last_line_wi
 def test_line_reader_hands_over_a_line_at_once_and_wakes_the_publisher():
     read_end, write_end = os.pipe()
     woken = []
-    with open(read_end, "rb") as stream, open(write_end, "wb", buffering=0) as pipe:
+    with open(read_end, "rb", buffering=0) as stream, open(write_end, "wb", buffering=0) as pipe:
         reader = LineReader(stream)
         reader.start(wake=lambda: woken.append(True))
         pipe.write(b"first\nsecond")  # the second line is not complete yet

@@ -272,6 +272,15 @@ def test_each_line_from_a_slow_pipe_is_sent_as_soon_as_it_is_read(env, queue, st
     assert [body for body, _headers in get_all(broker, queue)] == [b"first.", b"second.", b"third, with no line end"]
 
 
+def test_giving_up_while_a_pipe_is_still_open_is_one_line_and_exit_3(env, start):
+    """The reader thread is still waiting on the pipe when the producer gives up: no crash at exit."""
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
+    producer = start("new_task.py", "--file", "-", "--url", url, "--connect-timeout", "1", stdin=subprocess.PIPE)
+    producer.send("a task that cannot go anywhere\n")
+    assert producer.wait(timeout=30) == 3, producer.output
+    assert producer.lines == [producer.lines[0]] and "error: cannot reach" in producer.lines[0], producer.output
+
+
 def test_local_broker_restarts_its_node_and_keeps_durable_tasks(env, start, tmp_path):
     """The README's restart experiment on a throwaway node: `local_broker.py restart` from another terminal."""
     own = {**env, "TMPDIR": str(tmp_path)}  # its own state file: a local_broker.py of the user's is left alone
