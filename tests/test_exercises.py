@@ -33,6 +33,13 @@ def queue_after(section: str, suffix: str = "") -> tuple[int, int]:
     return matching[-1]
 
 
+def timeline_letters(section: str) -> tuple[set[str], set[str]]:
+    """(letters drawn in the timeline's rows, in upper case; letters its legend names)."""
+    chart, legend = section.split("timeline:")[1].split("\n\n")[:2]
+    rows = "".join(re.findall(r"^\s+\S+ \|(.*)\|$", chart, re.M))
+    return {c.upper() for c in rows if c.isalpha() and c != "X"}, set(re.findall(r"\b([A-Z])=", legend))
+
+
 def test_every_experiment_runs_and_is_listed(all_experiments):
     outcomes, sections = all_experiments
     listed = run_script("exercises.py", "--list", env={}).stdout
@@ -40,6 +47,10 @@ def test_every_experiment_runs_and_is_listed(all_experiments):
                  "poison", "scale-out", "concurrency", "hung-task", "crash-loop", "retry-backoff"):  # fmt: skip
         assert name in outcomes and name in sections and name in listed
         assert "timeline:" in sections[name] and "verdict:" in sections[name]
+        result = outcomes[name]
+        if result.get("lost") == 0 and result.get("done") == result.get("sent"):  # every task ran: each shows
+            drawn, named = timeline_letters(sections[name])
+            assert named - {"X"} <= drawn, f"{name}: tasks missing from the timeline:\n{sections[name]}"
 
 
 def test_round_robin_gives_one_worker_every_heavy_task(all_experiments):
