@@ -285,19 +285,20 @@ def test_local_broker_restarts_its_node_and_keeps_durable_tasks(env, start, tmp_
     """The README's restart experiment on a throwaway node: `local_broker.py restart` from another terminal."""
     own = {**env, "TMPDIR": str(tmp_path)}  # its own state file: a local_broker.py of the user's is left alone
     owner = start("local_broker.py", env=own)
-    owner.wait_for(r"^Ready: export AMQP_URL=", timeout=120)
-    own["AMQP_URL"] = re.search(r"^Ready: export AMQP_URL=(\S+)", owner.output, re.MULTILINE)[1]
-    assert run_script("new_task.py", "Still here after the restart.", env=own).returncode == 0
+    try:
+        owner.wait_for(r"^Ready: export AMQP_URL=", timeout=120)
+        own["AMQP_URL"] = re.search(r"^Ready: export AMQP_URL=(\S+)", owner.output, re.MULTILINE)[1]
+        assert run_script("new_task.py", "Still here after the restart.", env=own).returncode == 0
 
-    restarted = run_script("local_broker.py", "restart", env=own, timeout=200)
-    assert restarted.returncode == 0, restarted.stderr
-    assert "Restarted the local broker" in restarted.stdout
-    owner.wait_for(r"^Ready again", timeout=10)
-    listed = run_script("local_broker.py", "ctl", "list_queues", "name", "messages", "--no-table-headers", env=own)
-    assert re.search(r"^task_queue\s+1$", listed.stdout, re.MULTILINE), listed.stdout + listed.stderr
-
-    owner.signal(signal.SIGINT)
-    assert owner.wait(timeout=60) == 0, owner.output
+        restarted = run_script("local_broker.py", "restart", env=own, timeout=200)
+        assert restarted.returncode == 0, restarted.stderr
+        assert "Restarted the local broker" in restarted.stdout
+        owner.wait_for(r"^Ready again", timeout=10)
+        listed = run_script("local_broker.py", "ctl", "list_queues", "name", "messages", "--no-table-headers", env=own)
+        assert re.search(r"^task_queue\s+1$", listed.stdout, re.MULTILINE), listed.stdout + listed.stderr
+    finally:  # Ctrl+C, as a user stops it: it stops and removes its node (a kill would leave the node running)
+        owner.signal(signal.SIGINT)
+        assert owner.wait(timeout=60) == 0, owner.output
     gone = run_script("local_broker.py", "restart", env=own)
     assert gone.returncode == 3 and "no local_broker.py is running" in gone.stderr
 
