@@ -79,17 +79,35 @@ def env(broker):
 
 
 def run_script(script: str, *args: str, env: dict, timeout: float = 60, stdin: str | None = None):
-    """Run a script to the end, as a user would, and return the finished process."""
-    return subprocess.run(
+    """Run a script to the end, as a user would, and return the finished process.
+
+    It runs in a process group of its own: if it overruns `timeout`, the whole group is killed,
+    so the workers an experiment started do not outlive it and load the tests that follow."""
+    with subprocess.Popen(
         [sys.executable, str(ROOT / script), *args],
-        check=False,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        input=stdin,
         cwd=ROOT,
-    )
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(process)
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a process started with start_new_session=True, and everything it started."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
 
 
 class Script:
@@ -104,6 +122,7 @@ class Script:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # stop() kills what it started too
         )
         self.lines: list[str] = []
         self.arrived: list[float] = []  # time.monotonic() when each line was read
@@ -166,9 +185,8 @@ class Script:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        """At the end of a test: kill it and whatever it started (a worker's task processes)."""
+        kill_group(self.proc)
 
 
 @pytest.fixture
