@@ -374,9 +374,10 @@ def main() -> int:
     if sys.argv[1:2] == ["ctl"]:  # everything after it is rabbitmqctl's, options included
         return ctl(sys.argv[2:])
     parser = argparse.ArgumentParser(
-        description="Start a throwaway RabbitMQ node (or a local cluster), print its URL, and stop and "
-        "remove it on Ctrl+C. From another terminal, `restart` restarts it and `ctl ARGS...` runs "
-        "rabbitmqctl against it.",
+        usage="%(prog)s [-h] [--cluster N] [start | restart]\n       %(prog)s ctl RABBITMQCTL-ARGUMENTS...",
+        description="Start a throwaway RabbitMQ node (or a local cluster), print its URL, and stop and\n"
+        "remove it on Ctrl+C. From another terminal, `restart` restarts it, and `ctl ...` runs\n"
+        "rabbitmqctl against it (its first node).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -39,6 +39,7 @@ examples:
   python new_task.py A heavy task.....    # five dots: five seconds of work
   python new_task.py --file tasks.txt     # one task per line
   seq 1000000 | python new_task.py --file -
+  tail -f jobs.log | python new_task.py --file -   # each new line is sent as it comes
   python new_task.py --queue-type classic --transient Lost on restart...
 """
 
