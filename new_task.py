@@ -321,7 +321,7 @@ class Publisher:
             why = self.why_closing or f"connection lost ({workqueue.describe(reason)})"
             self.last_error = f"{why} on {workqueue.where(self.url)}"
             if not self.nacked_here:  # nacks were announced when they came
-                LOGGER.warning("%s; reconnecting, %d unconfirmed message(s) will be sent again", why, again)
+                self.warn("%s; reconnecting, %d unconfirmed message(s) will be sent again", why, again)
         self.why_closing = None
         self.ioloop.stop()
 
@@ -341,7 +341,7 @@ class Publisher:
 
     def drop_if_still_closing(self, connection):
         if connection is self.connection and connection.is_closing:
-            LOGGER.warning("no answer to our close for %gs; dropping the connection", CLOSE_TIMEOUT)
+            self.warn("no answer to our close for %gs; dropping the connection", CLOSE_TIMEOUT)
             # pika has no public call for this; its heartbeat checker ends a silent connection the same way.
             connection._terminate_stream(pika.exceptions.AMQPConnectionError("no answer to our close"))
 
@@ -349,12 +349,12 @@ class Publisher:
         """A memory or disk alarm: the broker takes nothing until it lifts. Wait, no drop, no resend."""
         self.blocked = True
         reason = workqueue.printable(getattr(frame.method, "reason", "") or "a resource alarm", limit=200)
-        LOGGER.warning("the broker blocked publishing (%s); waiting until it unblocks", reason)
+        self.warn("the broker blocked publishing (%s); waiting until it unblocks", reason)
 
     def on_unblocked(self, _connection, _frame):
         self.blocked = False
         self.last_confirm = time.monotonic()  # the confirm clock starts again
-        LOGGER.warning("the broker unblocked publishing; going on")
+        self.warn("the broker unblocked publishing; going on")
 
     def on_channel_open(self, channel):
         """Channel open: declare the durable queue, exactly as worker.py does."""
@@ -432,7 +432,7 @@ class Publisher:
             # leader moved: a new connection, after a pause, gets through. The rest of the window's
             # confirms come first, so that no ack is thrown away.
             if not self.warned_of_nacks:
-                LOGGER.warning("the broker refused (nacked) messages; sending them again on a new connection")
+                self.warn("the broker refused (nacked) messages; sending them again on a new connection")
                 self.warned_of_nacks = True
             self.nacked_here = True
         self.publish_more()
@@ -441,12 +441,20 @@ class Publisher:
         """Unroutable: the queue was deleted under us. Its ack follows; count it as failed."""
         self.outbox.returned += 1
 
+    def warn(self, message: str, *args) -> None:
+        """A warning on a line of its own: the progress line, if shown, is wiped first."""
+        if self.show_progress:
+            sys.stderr.write("\r\033[K")
+        LOGGER.warning(message, *args)
+
     def print_progress(self, connection):
         if connection is not self.connection or self.outbox.finished or not connection.is_open:
             return
         rate = self.outbox.confirmed / max(time.monotonic() - self.started, 1e-9)
+        blocked = ", blocked by the broker" if self.blocked else ""
         sys.stderr.write(
-            f"\r  {self.outbox.confirmed:,} confirmed, {len(self.outbox.unconfirmed):,} in flight ({rate:,.0f}/s)  "
+            f"\r  {self.outbox.confirmed:,} confirmed, {len(self.outbox.unconfirmed):,} in flight "
+            f"({rate:,.0f}/s){blocked}\033[K"  # clear what a longer line before left
         )
         sys.stderr.flush()
         self.ioloop.call_later(0.5, functools.partial(self.print_progress, connection))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import pty
 import re
+import select
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import get_all, publish, ready_count, run_script, start_worker, wait_for_counts, wait_until
@@ -343,6 +345,38 @@ def test_bulk_publish_shows_progress_on_a_terminal_only(env, queue, tmp_path):
 
     piped = run_script("new_task.py", "--queue", queue, "--file", str(lines), env=env)
     assert piped.returncode == 0 and piped.stderr == ""  # quiet when not on a terminal
+
+
+def test_a_warning_during_the_progress_line_gets_a_line_of_its_own(env, queue, broker, tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"task {i}\n" for i in range(300_000)))
+    command = [sys.executable, "new_task.py", "--queue", queue, "--file", str(lines)]
+    leader, follower = pty.openpty()
+    with subprocess.Popen(command, env=env, stderr=follower, stdout=subprocess.PIPE, cwd=bench.ROOT) as proc:
+        os.close(follower)
+        shown = _read_pty_until(leader, b" in flight (", timeout=30)  # the progress line is up
+        broker.rabbitmqctl("set_vm_memory_high_watermark", "0")  # a memory alarm: a warning comes
+        try:
+            shown += _read_pty_until(leader, b"waiting until it unblocks", timeout=30)
+            shown += _read_pty_until(
+                leader, b"/s), blocked by the broker\x1b[K", timeout=10
+            )  # and the progress says so
+        finally:
+            broker.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+        assert proc.wait(timeout=60) == 0
+    os.close(leader)
+    assert b"\r\x1b[K[!] the broker blocked publishing (low on memory)" in shown, shown[-300:]
+
+
+def _read_pty_until(fd: int, wanted: bytes, timeout: float) -> bytes:
+    """What a terminal shows, read until `wanted` appears; fails after `timeout` seconds."""
+    shown, deadline = b"", time.monotonic() + timeout
+    while wanted not in shown:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0] or not (chunk := _read_pty(fd)):
+            raise AssertionError(f"{wanted!r} not shown within {timeout}s; the terminal shows: {shown[-300:]!r}")
+        shown += chunk
+    return shown
 
 
 def _read_pty(fd: int) -> bytes:
