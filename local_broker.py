@@ -163,6 +163,7 @@ class BrokerNode:
         subprocess.run(
             [str(RABBITMQ_BIN / "rabbitmq-server"), "-detached"],
             env=self.environment(),
+            cwd=self.base,  # where Erlang writes crash dumps (MnesiaCore.*, erl_crash.dump): removed with the node
             check=True,
             timeout=60,
             stdout=subprocess.DEVNULL,
