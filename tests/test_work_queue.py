@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import re
@@ -327,19 +328,27 @@ def test_bulk_publish_memory_stays_flat(env, queue, tmp_path):
     assert peaks[1] < peaks[0] + 8, f"peak RSS {peaks[0]:.0f} MB for 20k lines, {peaks[1]:.0f} MB for 300k"
 
 
-def test_bulk_publish_shows_progress_on_a_terminal_only(env, queue, tmp_path):
-
+@contextlib.contextmanager
+def bulk_publish_on_a_terminal(env: dict, queue: str, tmp_path, count: int):
+    """new_task.py --file with `count` lines, its stderr a terminal: (the process, the terminal's fd, the file)."""
     lines = tmp_path / "lines.txt"
-    lines.write_text("".join(f"task {i}\n" for i in range(100_000)))
+    lines.write_text("".join(f"task {i}\n" for i in range(count)))
     command = [sys.executable, "new_task.py", "--queue", queue, "--file", str(lines)]
     leader, follower = pty.openpty()
-    with subprocess.Popen(command, env=env, stderr=follower, stdout=subprocess.PIPE, cwd=bench.ROOT) as proc:
-        os.close(follower)
+    try:
+        with subprocess.Popen(command, env=env, stderr=follower, stdout=subprocess.PIPE, cwd=bench.ROOT) as proc:
+            os.close(follower)
+            yield proc, leader, lines
+    finally:
+        os.close(leader)
+
+
+def test_bulk_publish_shows_progress_on_a_terminal_only(env, queue, tmp_path):
+    with bulk_publish_on_a_terminal(env, queue, tmp_path, 100_000) as (proc, terminal, lines):
         shown = b""
-        while chunk := _read_pty(leader):
+        while chunk := _read_pty(terminal):
             shown += chunk
         assert proc.wait(timeout=60) == 0
-    os.close(leader)
     assert re.search(rb"\r  [\d,]+ confirmed, [\d,]+ in flight \([\d,]+/s\)", shown), shown[:300]
     assert shown.endswith(b"\r\x1b[K")  # the progress line is wiped at the end
 
@@ -348,23 +357,16 @@ def test_bulk_publish_shows_progress_on_a_terminal_only(env, queue, tmp_path):
 
 
 def test_a_warning_during_the_progress_line_gets_a_line_of_its_own(env, queue, broker, tmp_path):
-    lines = tmp_path / "lines.txt"
-    lines.write_text("".join(f"task {i}\n" for i in range(300_000)))
-    command = [sys.executable, "new_task.py", "--queue", queue, "--file", str(lines)]
-    leader, follower = pty.openpty()
-    with subprocess.Popen(command, env=env, stderr=follower, stdout=subprocess.PIPE, cwd=bench.ROOT) as proc:
-        os.close(follower)
-        shown = _read_pty_until(leader, b" in flight (", timeout=30)  # the progress line is up
+    with bulk_publish_on_a_terminal(env, queue, tmp_path, 300_000) as (proc, terminal, _lines):
+        shown = _read_pty_until(terminal, b" in flight (", timeout=30)  # the progress line is up
         broker.rabbitmqctl("set_vm_memory_high_watermark", "0")  # a memory alarm: a warning comes
         try:
-            shown += _read_pty_until(leader, b"waiting until it unblocks", timeout=30)
-            shown += _read_pty_until(
-                leader, b"/s), blocked by the broker\x1b[K", timeout=10
-            )  # and the progress says so
+            shown += _read_pty_until(terminal, b"waiting until it unblocks", timeout=30)
+            # ... and the progress line says so
+            shown += _read_pty_until(terminal, b"/s), blocked by the broker\x1b[K", timeout=10)
         finally:
             broker.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
         assert proc.wait(timeout=60) == 0
-    os.close(leader)
     assert b"\r\x1b[K[!] the broker blocked publishing (low on memory)" in shown, shown[-300:]
 
 
