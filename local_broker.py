@@ -302,13 +302,21 @@ def write_state(state: dict) -> None:
     partial.replace(STATE_FILE)  # readers never see half a file
 
 
+def read_state() -> dict:
+    """What a local_broker.py wrote ({} if nothing, or not JSON)."""
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def running_state() -> dict:
     """What the running local_broker.py wrote, if it still runs; else a one-line error."""
+    state = read_state()
     try:
-        state = json.loads(STATE_FILE.read_text())
         os.kill(state["pid"], 0)
         return state
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, KeyError, TypeError):
         raise workqueue.BrokerUnreachable(
             "no local_broker.py is running; start one in another terminal with: python local_broker.py"
         ) from None
@@ -335,15 +343,8 @@ def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
             write_state(state)
             print("Ready again, at the same URL", file=sys.stderr, flush=True)
     finally:
-        if running_state_pid() == os.getpid():
+        if read_state().get("pid") == os.getpid():  # not another local_broker.py's, started since
             STATE_FILE.unlink(missing_ok=True)
-
-
-def running_state_pid() -> int | None:
-    try:
-        return json.loads(STATE_FILE.read_text())["pid"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def restart(timeout: float = 300) -> int:
