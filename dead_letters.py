@@ -24,8 +24,8 @@ examples:
   python dead_letters.py purge --queue emails   # drop the dead tasks of emails.dlq
 """
 
-# What worker.py and the broker wrote on a task while it failed: a replayed task starts afresh.
-FAILURE_HEADERS = ("x-retries", "x-error", "x-original-queue", "x-failed-at", "x-delivery-count", "x-death")
+# What worker.py wrote on a task while it failed: a replayed task starts afresh (and without the broker's).
+FAILURE_HEADERS = ("x-retries", "x-error", "x-original-queue", "x-failed-at")
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
@@ -124,7 +124,7 @@ def replay(channel, queue: str, count: int, default_target: str) -> None:
         target = headers.get("x-original-queue")
         target = target if isinstance(target, str) and target else default_target
         properties.headers = {
-            k: v for k, v in headers.items() if k not in FAILURE_HEADERS and not k.startswith("x-first-death-")
+            k: v for k, v in workqueue.without_broker_headers(headers).items() if k not in FAILURE_HEADERS
         }
         try:
             channel.basic_publish(exchange="", routing_key=target, body=body, properties=properties, mandatory=True)

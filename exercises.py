@@ -621,8 +621,9 @@ def main() -> int:
     url = args.url or (local_url() if args.local else None)
     node = None
     if url is None:
-        print("Starting a throwaway RabbitMQ node (about 10 s)...", flush=True)
-        node = local_broker.BrokerNode(name="exercise").start()
+        rabbitmq = local_broker.RabbitMQ()  # the system's, or $WORKQUEUE_RABBITMQ
+        print(f"Starting a throwaway RabbitMQ {rabbitmq.version()} node (about 10 s)...", flush=True)
+        node = local_broker.BrokerNode(name="exercise", rabbitmq=rabbitmq).start()
         url = node.url
     else:
         print(f"Using the broker at {workqueue.redact(url)}")

@@ -8,6 +8,13 @@ stopped, restarted and killed without touching any other broker.
     python local_broker.py --cluster 3   # a 3-node cluster, its URLs comma-separated
     python local_broker.py restart       # from another terminal: restart the running node(s)
     python local_broker.py ctl list_queues   # rabbitmqctl, aimed at the running node
+    python local_broker.py --rabbitmq 4.3    # a node of RabbitMQ 4.3 (./run.sh broker 4.3 installs it)
+
+``--rabbitmq`` picks the release: ``system`` (the installed rabbitmq-server), or
+``4.0`` / ``4.3``, which run from a Debian root (trixie's and sid's packages) under
+``chroot``, on the host's loopback like any other node. ``./run.sh`` builds the
+roots in /var/cache/workqueue (root only: chroot needs it). WORKQUEUE_RABBITMQ
+sets the default for every script and test that starts a node.
 """
 
 from __future__ import annotations
@@ -28,10 +35,67 @@ from pathlib import Path
 import workqueue
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+# Releases other than the system's, each from a Debian release's packages, in a root of its own.
+DEBIAN_RELEASES = {"4.0": "trixie", "4.3": "sid"}
+ROOTS = Path("/var/cache/workqueue")
+RELEASES = ("system", *DEBIAN_RELEASES)
 
 
 class BrokerError(workqueue.WorkQueueError):
     """A throwaway node could not be started or stopped (one line and exit 1, as other errors)."""
+
+
+def default_release() -> str:
+    """The release a node runs when none is named: $WORKQUEUE_RABBITMQ, else the system's."""
+    return os.environ.get("WORKQUEUE_RABBITMQ") or "system"
+
+
+class RabbitMQ:
+    """Where a node's rabbitmq-server comes from: the system's, or a Debian root run under chroot.
+
+    A node in a root sees only the root's files: its directory lives in the root's /tmp, and
+    `inside()` turns a path of ours into the path the node sees."""
+
+    def __init__(self, release: str | None = None):
+        self.release = release or default_release()
+        if self.release not in RELEASES:
+            raise workqueue.UsageError(f"unknown RabbitMQ release {self.release!r}: choose from {', '.join(RELEASES)}")
+        self.root = ROOTS / f"rabbitmq-{self.release}" if self.release in DEBIAN_RELEASES else None
+
+    def command(self, program: str, *args: str) -> list[str]:
+        """The command line that runs one of RabbitMQ's scripts (rabbitmq-server, rabbitmqctl)."""
+        if self.root:
+            return ["chroot", str(self.root), str(RABBITMQ_BIN / program), *args]
+        return [str(RABBITMQ_BIN / program), *args]
+
+    def temp_dir(self, prefix: str) -> Path:
+        """A new directory for a node: in the root's /tmp, if the node runs in a root."""
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root / "tmp" if self.root else None))
+
+    def inside(self, path: Path) -> str:
+        """A path of ours as the node sees it."""
+        return "/" + str(path.relative_to(self.root)) if self.root else str(path)
+
+    def check(self) -> None:
+        """Fail with one line saying how to install this release, if it is not; mount the root's /proc."""
+        if not (self.root or Path("/")).joinpath(str(RABBITMQ_BIN / "rabbitmq-server")[1:]).exists():
+            if self.root:
+                raise BrokerError(
+                    f"RabbitMQ {self.release} is not installed here ({self.root} is missing); "
+                    f"install it with: ./run.sh broker {self.release}"
+                )
+            raise BrokerError(f"rabbitmq-server is not installed ({RABBITMQ_BIN} is missing)")
+        if self.root and not (self.root / "proc" / "self").exists():
+            # Erlang reads its memory use from /proc: a root needs one (mounts do not survive a reboot).
+            subprocess.run(["mount", "-t", "proc", "proc", str(self.root / "proc")], check=True, timeout=30)
+
+    def version(self) -> str:
+        """The installed rabbitmq-server's version, as its package says (4.3.6, say)."""
+        query = ["dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"]
+        found = subprocess.run(
+            ["chroot", str(self.root), *query] if self.root else query, capture_output=True, text=True, check=False
+        )
+        return found.stdout.split("-")[0] or "unknown"
 
 
 def free_port() -> int:
@@ -39,10 +103,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def rabbitmq_installed() -> bool:
-    return (RABBITMQ_BIN / "rabbitmq-server").exists()
 
 
 def amqp_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -69,8 +129,11 @@ class BrokerNode:
         heartbeat: int = 60,
         tls: tuple[str, str, str] | None = None,
         base_dir: str | None = None,
+        rabbitmq: RabbitMQ | str | None = None,
     ):
-        self.base = Path(base_dir or tempfile.mkdtemp(prefix=f"rabbit-{name}-"))
+        self.rabbitmq = rabbitmq if isinstance(rabbitmq, RabbitMQ) else RabbitMQ(rabbitmq)
+        self.base = Path(base_dir) if base_dir else self.rabbitmq.temp_dir(f"rabbit-{name}-")
+        self.base.mkdir(parents=True, exist_ok=True)
         self.nodename = f"{name}{os.getpid()}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -91,40 +154,49 @@ class BrokerNode:
             "loopback_users = none",
         ]
         if tls:
-            cacert, cert, key = tls
+            tls_dir = self.base / "tls"  # in the node's directory: a node in a root sees only the root
+            tls_dir.mkdir(exist_ok=True)
+            cacert, cert, key = (shutil.copy(path, tls_dir) for path in tls)
+            inside = self.rabbitmq.inside
             conf += [
                 f"listeners.ssl.default = 127.0.0.1:{self.tls_port}",
-                f"ssl_options.cacertfile = {cacert}",
-                f"ssl_options.certfile = {cert}",
-                f"ssl_options.keyfile = {key}",
+                f"ssl_options.cacertfile = {inside(Path(cacert))}",
+                f"ssl_options.certfile = {inside(Path(cert))}",
+                f"ssl_options.keyfile = {inside(Path(key))}",
                 "ssl_options.verify = verify_none",
                 "ssl_options.fail_if_no_peer_cert = false",
             ]
         (self.base / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
         # Queue counts of quorum queues refresh every 5 s by default; tests want them live.
-        (self.base / "advanced.config").write_text("[{rabbit, [{quorum_tick_interval, 200}]}].\n")
+        # A consumer timeout is checked every minute by default; tests want it checked every second.
+        (self.base / "advanced.config").write_text(
+            "[{rabbit, [{quorum_tick_interval, 200}, {channel_tick_interval, 1000}]}].\n"
+        )
         (self.base / "enabled_plugins").write_text("[].\n")
 
     def environment(self) -> dict[str, str]:
+        """The variables that make rabbitmq-server and rabbitmqctl this node's (paths as the node sees them)."""
+        base = self.rabbitmq.inside(self.base)
         env = dict(os.environ)
         env.update(
-            HOME=str(self.base / "home"),
+            HOME=f"{base}/home",
             RABBITMQ_NODENAME=self.nodename,
             RABBITMQ_NODE_PORT=str(self.port),
             RABBITMQ_DIST_PORT=str(self.dist_port),
-            RABBITMQ_MNESIA_BASE=str(self.base / "mnesia"),
-            RABBITMQ_LOG_BASE=str(self.base / "log"),
-            RABBITMQ_CONFIG_FILE=str(self.base / "rabbitmq"),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.base / "advanced.config"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
-            RABBITMQ_PID_FILE=str(self.pid_file),
+            RABBITMQ_MNESIA_BASE=f"{base}/mnesia",
+            RABBITMQ_LOG_BASE=f"{base}/log",
+            RABBITMQ_CONFIG_FILE=f"{base}/rabbitmq",
+            RABBITMQ_ADVANCED_CONFIG_FILE=f"{base}/advanced.config",
+            RABBITMQ_ENABLED_PLUGINS_FILE=f"{base}/enabled_plugins",
+            RABBITMQ_PID_FILE=f"{base}/node.pid",
+            ERL_CRASH_DUMP=f"{base}/erl_crash.dump",  # with the node, removed with it
         )
         return env
 
     def rabbitmqctl(self, *args: str, timeout: float = 60) -> str:
         """Run rabbitmqctl against this node and return what it printed."""
         result = subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.nodename, *args],
+            self.rabbitmq.command("rabbitmqctl", "-n", self.nodename, *args),
             env=self.environment(),
             capture_output=True,
             text=True,
@@ -157,11 +229,10 @@ class BrokerNode:
 
     def launch(self) -> None:
         """Start the node in the background (see wait_ready)."""
-        if not rabbitmq_installed():
-            raise BrokerError(f"rabbitmq-server is not installed ({RABBITMQ_BIN} is missing)")
+        self.rabbitmq.check()
         self.pid_file.unlink(missing_ok=True)
         subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmq-server"), "-detached"],
+            self.rabbitmq.command("rabbitmq-server", "-detached"),
             env=self.environment(),
             cwd=self.base,  # where Erlang writes crash dumps (MnesiaCore.*, erl_crash.dump): removed with the node
             check=True,
@@ -227,10 +298,14 @@ class BrokerNode:
 class BrokerCluster:
     """A local RabbitMQ cluster: nodes of their own sharing one Erlang cookie, joined to the first."""
 
-    def __init__(self, size: int = 3, name: str = "cluster"):
-        self.base = Path(tempfile.mkdtemp(prefix=f"rabbit-{name}-"))
+    def __init__(self, size: int = 3, name: str = "cluster", rabbitmq: RabbitMQ | str | None = None):
+        rabbitmq = rabbitmq if isinstance(rabbitmq, RabbitMQ) else RabbitMQ(rabbitmq)
+        self.base = rabbitmq.temp_dir(f"rabbit-{name}-")
         cookie = secrets.token_hex(20)
-        self.nodes = [BrokerNode(name=f"{name}{n}x", base_dir=str(self.base / f"node{n}")) for n in range(1, size + 1)]
+        self.nodes = [
+            BrokerNode(name=f"{name}{n}x", base_dir=str(self.base / f"node{n}"), rabbitmq=rabbitmq)
+            for n in range(1, size + 1)
+        ]
         for node in self.nodes:
             cookie_file = node.base / "home" / ".erlang.cookie"
             cookie_file.write_text(cookie)
@@ -329,7 +404,10 @@ def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
         "pid": os.getpid(),
         "urls": urls,
         "restarts": 0,
-        "nodes": [{"nodename": node.nodename, "home": str(node.base / "home")} for node in nodes],
+        "nodes": [
+            {"nodename": node.nodename, "home": node.environment()["HOME"], "rabbitmq": node.rabbitmq.release}
+            for node in nodes
+        ],
     }
     write_state(state)
     try:
@@ -368,7 +446,7 @@ def restart(timeout: float = 300) -> int:
 def ctl(arguments: list[str]) -> int:
     """rabbitmqctl with these arguments, run against the running local_broker.py's (first) node."""
     node = running_state()["nodes"][0]
-    command = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", node["nodename"], *arguments]
+    command = RabbitMQ(node.get("rabbitmq", "system")).command("rabbitmqctl", "-n", node["nodename"], *arguments)
     return subprocess.run(command, env={**os.environ, "HOME": node["home"]}, check=False).returncode
 
 
@@ -376,7 +454,8 @@ def main() -> int:
     if sys.argv[1:2] == ["ctl"]:  # everything after it is rabbitmqctl's, options included
         return ctl(sys.argv[2:])
     parser = argparse.ArgumentParser(
-        usage="%(prog)s [-h] [--cluster N] [start | restart]\n       %(prog)s ctl RABBITMQCTL-ARGUMENTS...",
+        usage="%(prog)s [-h] [--cluster N] [--rabbitmq RELEASE] [start | restart]\n"
+        "       %(prog)s ctl RABBITMQCTL-ARGUMENTS...",
         description="Start a throwaway RabbitMQ node (or a local cluster), print its URL, and stop and\n"
         "remove it on Ctrl+C. From another terminal, `restart` restarts it, and `ctl ...` runs\n"
         "rabbitmqctl against it (its first node).",
@@ -393,17 +472,28 @@ def main() -> int:
     parser.add_argument(
         "--cluster", type=workqueue.number(int, minimum=1), metavar="N", help="start N nodes joined in one cluster"
     )
+    parser.add_argument(
+        "--rabbitmq",
+        choices=RELEASES,
+        default=default_release(),
+        metavar="RELEASE",
+        help=f"which RabbitMQ: {', '.join(RELEASES)} (default: $WORKQUEUE_RABBITMQ, else %(default)s); "
+        "./run.sh broker 4.3 installs 4.3",
+    )
     args = parser.parse_args()
     if args.command == "restart":
         return restart()
     # Signals are taken by sigwait() in serve(), not by handlers: blocked from here on.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    rabbitmq = RabbitMQ(args.rabbitmq)
+    rabbitmq.check()
+    release = f"RabbitMQ {rabbitmq.version()}"
     if args.cluster:
-        print(f"Starting a {args.cluster}-node RabbitMQ cluster (about a minute)...", file=sys.stderr, flush=True)
-        broker = BrokerCluster(size=args.cluster)
+        print(f"Starting a {args.cluster}-node {release} cluster (about a minute)...", file=sys.stderr, flush=True)
+        broker = BrokerCluster(size=args.cluster, rabbitmq=rabbitmq)
     else:
-        print("Starting a throwaway RabbitMQ node...", file=sys.stderr, flush=True)
-        broker = BrokerNode(name="local")
+        print(f"Starting a throwaway {release} node...", file=sys.stderr, flush=True)
+        broker = BrokerNode(name="local", rabbitmq=rabbitmq)
     try:
         broker.start()
         urls = ",".join(broker.urls) if args.cluster else broker.url

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Set-up and entry points, on a fresh Debian or Ubuntu machine:
 #   ./run.sh demo     3 workers and a dozen tasks on your local RabbitMQ, or a throwaway one
-#   ./run.sh test     the test suite, on throwaway RabbitMQ nodes (extra arguments go to pytest)
+#   ./run.sh test     the test suite on every supported RabbitMQ: the system's, 4.3, and 4.0 (its
+#                     queue-semantics tests); --rabbitmq R for one of them (other arguments go to pytest)
 #   ./run.sh lint     ruff check and ruff format --check
-#   ./run.sh bench    the benchmark (a few minutes; --quick for a small run)
-# Everything Python goes into .venv; rabbitmq-server comes from the system's packages.
+#   ./run.sh bench    the benchmark (a few minutes; --quick for a small run; --rabbitmq R)
+#   ./run.sh broker R install RabbitMQ R (system, 4.0 or 4.3) if missing, and start a throwaway node
+# Everything Python goes into .venv; the system's rabbitmq-server comes from its packages, and 4.0
+# and 4.3 from Debian trixie's and sid's, installed in roots of their own under /var/cache/workqueue.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -38,15 +41,67 @@ setup_python() {  # setup_python REQUIREMENTS-FILE
     fi
 }
 
-setup_rabbitmq() {
-    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_debian_package rabbitmq-server "RabbitMQ (rabbitmq-server)"
+setup_rabbitmq() {  # setup_rabbitmq [RELEASE]: system (the default), 4.0 or 4.3
+    case "${1:-system}" in
+        system) [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_debian_package rabbitmq-server "RabbitMQ (rabbitmq-server)" ;;
+        4.0) setup_rabbitmq_root 4.0 trixie ;;
+        4.3) setup_rabbitmq_root 4.3 sid ;;
+        *) echo "run.sh: unknown RabbitMQ release '$1': choose system, 4.0 or 4.3" >&2; exit 2 ;;
+    esac
 }
+
+setup_rabbitmq_root() {  # setup_rabbitmq_root RELEASE DEBIAN-SUITE: a minimal Debian root with its rabbitmq-server
+    local root=/var/cache/workqueue/rabbitmq-$1
+    [ -x "$root/usr/lib/rabbitmq/bin/rabbitmq-server" ] && return
+    if [ "$(id -u)" != 0 ]; then
+        echo "run.sh: RabbitMQ $1 runs in a Debian root under chroot, which needs root: run this as root (sudo)," >&2
+        echo "        or start RabbitMQ $1 some other way and give its URL (--url, AMQP_URL)" >&2
+        exit 1
+    fi
+    command -v debootstrap >/dev/null || need_debian_package debootstrap "debootstrap (to install RabbitMQ $1)"
+    echo "run.sh: installing RabbitMQ $1 from Debian $2's packages into $root (about a minute, 500 MB)..." >&2
+    local partial=$root.partial
+    if [ -e "$partial" ]; then  # an earlier try that did not finish
+        umount "$partial/proc" 2>/dev/null || true
+        rm -rf "$partial"
+    fi
+    mkdir -p "$(dirname "$root")"
+    debootstrap --variant=minbase "$2" "$partial" >"$partial.log" 2>&1 \
+        || { echo "run.sh: debootstrap $2 failed; see $partial.log" >&2; exit 1; }
+    cp /etc/hosts "$partial/etc/hosts"  # Erlang resolves localhost through it
+    printf '#!/bin/sh\nexit 101\n' >"$partial/usr/sbin/policy-rc.d"  # install, start no service
+    chmod +x "$partial/usr/sbin/policy-rc.d"
+    # Debian's unstable index may be past its Valid-Until on a mirror that is a snapshot: accept it.
+    chroot "$partial" sh -c 'apt-get -o Acquire::Check-Valid-Until=false update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rabbitmq-server' \
+        >>"$partial.log" 2>&1 || { echo "run.sh: installing rabbitmq-server in $partial failed; see $partial.log" >&2; exit 1; }
+    rm -f "$partial.log"
+    mv "$partial" "$root"
+}
+
+# --rabbitmq RELEASE anywhere in the arguments: which RabbitMQ the throwaway nodes run (taken out of "$@").
+RABBITMQ_RELEASE=""
+arguments=()
+for argument in "$@"; do
+    if [ "${take_release:-}" = 1 ]; then RABBITMQ_RELEASE=$argument; take_release=0; continue; fi
+    case "$argument" in
+        --rabbitmq) take_release=1 ;;
+        --rabbitmq=*) RABBITMQ_RELEASE=${argument#--rabbitmq=} ;;
+        *) arguments+=("$argument") ;;
+    esac
+done
+set -- "${arguments[@]+"${arguments[@]}"}"
+if [ -n "$RABBITMQ_RELEASE" ]; then export WORKQUEUE_RABBITMQ=$RABBITMQ_RELEASE; fi
 
 case "${1:-}" in
     demo)
         shift
         setup_python requirements.txt
         # The demo can use a broker that already answers; it needs rabbitmq-server only if none does.
+        if [ -n "$RABBITMQ_RELEASE" ]; then
+            setup_rabbitmq "$RABBITMQ_RELEASE"  # a throwaway node of that release, even if a broker answers
+            exec .venv/bin/python exercises.py demo "$@"
+        fi
         .venv/bin/python -c 'import local_broker,sys; sys.exit(0 if local_broker.amqp_answers("localhost", 5672) else 1)' \
             || setup_rabbitmq
         exec .venv/bin/python exercises.py demo --local "$@"
@@ -54,14 +109,32 @@ case "${1:-}" in
     test)
         shift
         setup_python requirements-dev.txt
-        setup_rabbitmq
-        exec .venv/bin/python -m pytest "$@"
+        if [ -n "$RABBITMQ_RELEASE" ]; then
+            setup_rabbitmq "$RABBITMQ_RELEASE"
+            exec .venv/bin/python -m pytest "$@"
+        fi
+        # Every supported release: the whole suite on the system's and on 4.3, the queue semantics on 4.0.
+        for release in system 4.3 4.0; do setup_rabbitmq $release; done
+        failed=()
+        for release in system 4.3 4.0; do
+            echo "run.sh: the tests on RabbitMQ $release" >&2
+            only=(); [ $release = 4.0 ] && only=(-m queue_semantics)
+            WORKQUEUE_RABBITMQ=$release .venv/bin/python -m pytest "${only[@]+"${only[@]}"}" "$@" || failed+=("$release")
+        done
+        if [ ${#failed[@]} -gt 0 ]; then echo "run.sh: tests failed on RabbitMQ ${failed[*]}" >&2; exit 1; fi
         ;;
     bench)
         shift
         setup_python requirements-bench.txt  # ours, and Celery and Dramatiq to compare with
-        setup_rabbitmq
+        setup_rabbitmq "$RABBITMQ_RELEASE"
         exec .venv/bin/python bench/bench.py "$@"
+        ;;
+    broker)
+        shift
+        setup_python requirements.txt
+        release=${1:-${RABBITMQ_RELEASE:-system}}
+        setup_rabbitmq "$release"
+        exec .venv/bin/python local_broker.py --rabbitmq "$release" "${@:2}"
         ;;
     lint)
         setup_python requirements-dev.txt

@@ -22,10 +22,13 @@ How it stays correct where the tutorial's worker is not:
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
 import enum
 import faulthandler
 import functools
+import hashlib
 import importlib
 import logging
 import multiprocessing
@@ -37,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NamedTuple
 
@@ -140,6 +143,14 @@ def make_argument_parser() -> argparse.ArgumentParser:
         "can be killed and replaced (the default with --time-limit)",
     )
     parser.add_argument(
+        "--consumer-timeout",
+        type=workqueue.number(float, minimum=1),
+        metavar="S",
+        help="ask the broker to let this worker hold a task unacked for S seconds before it takes the task "
+        "back (RabbitMQ 4.3 takes it; older brokers apply their consumer_timeout, 30 min by default); "
+        "default with --time-limit: enough for every task it may hold",
+    )
+    parser.add_argument(
         "--max-tasks",
         type=workqueue.non_negative(int),
         metavar="N",
@@ -233,16 +244,23 @@ class Delivery:
     properties: pika.BasicProperties
     redelivered: bool
     retries: int  # failed attempts so far, from our x-retries header
-    unsettled: int  # earlier deliveries of this message that were never settled (quorum queues only)
+    returns: Returns  # how often it came back unsettled before (quorum queues only)
     state: TaskState = TaskState.WAITING  # see TaskPool
+    received: float = field(default_factory=time.monotonic)  # when it came (time.monotonic())
 
     @property
     def attempt(self) -> int:
-        return self.retries + self.unsettled + 1
+        return self.retries + 1
 
     @property
     def label(self) -> str:
         return workqueue.printable(self.body, limit=50)
+
+    @property
+    def identity(self) -> str:
+        """The same for each delivery of one message (body and the ids a producer sets), to know it again."""
+        ids = (self.properties.message_id, self.properties.correlation_id, self.properties.timestamp)
+        return hashlib.sha256(repr(ids).encode() + self.body).hexdigest()
 
 
 def retries_of(properties: pika.BasicProperties) -> tuple[int, str | None]:
@@ -253,11 +271,26 @@ def retries_of(properties: pika.BasicProperties) -> tuple[int, str | None]:
     return 0, f"ignoring header x-retries={value!r}: not a count of retries"
 
 
-def unsettled_deliveries(properties: pika.BasicProperties) -> int:
-    """x-delivery-count: how often a quorum queue delivered this message before and got it back
-    unsettled (its consumer died, lost its connection, or handed it back). Classic queues: 0."""
-    value = (properties.headers or {}).get("x-delivery-count", 0)
-    return value if is_count(value) else 0
+class Returns(NamedTuple):
+    """How often a quorum queue got this message back unsettled, from the headers it adds (classic queues: 0, 0).
+
+    RabbitMQ's versions count differently (the README has the table):
+    - 3.10 and 4.0: x-delivery-count counts every return: a consumer that died or lost its
+      connection or channel, a nack, a reject.
+    - 4.3: x-delivery-count counts deaths and rejects, not nacks; x-acquired-count counts every return.
+    On RabbitMQ 4 a quorum queue drops (or dead-letters) a message whose x-delivery-count would pass
+    20: `counted` is the figure that limit looks at, `every` the one a person wants to see."""
+
+    counted: int = 0  # toward the broker's delivery limit
+    every: int = 0  # every return, nacks included
+
+
+def returns_of(properties: pika.BasicProperties) -> Returns:
+    headers = properties.headers or {}
+    counted = headers.get("x-delivery-count", 0)
+    counted = counted if is_count(counted) else 0
+    every = headers.get("x-acquired-count", counted)  # absent before 4.3: x-delivery-count counts every return
+    return Returns(counted, every if is_count(every) else counted)
 
 
 def is_count(value: object) -> bool:
@@ -386,8 +419,8 @@ class TaskPool:
         thread = self.local.number
         attempt = f" (attempt {delivery.retries + 1} of {self.max_retries + 1})" if delivery.retries else ""
         again = " (redelivered)" if delivery.redelivered else ""
-        if delivery.unsettled > 1:
-            again = f" (redelivered {delivery.unsettled} times)"
+        if delivery.returns.every > 1:
+            again = f" (redelivered {delivery.returns.every} times)"
         self.console.say(f"[x] Received '{delivery.label}'{attempt}{again}", thread)
         self.metrics.task_started()
         started = time.monotonic()
@@ -513,6 +546,11 @@ class Worker:
         self.signalled = False
         self.started = 0  # tasks handed to the pool; --max-tasks counts these
         self.channel: BlockingChannel | None = None  # the current channel
+        self.publish_backoff = workqueue.Backoff()  # pauses while publishing retries or dead letters fails
+        # A crash loop ends at --max-retries deaths, and always before RabbitMQ 4 would drop the task.
+        self.max_returns = min(args.max_retries, workqueue.BROKER_DELIVERY_LIMIT - 1)
+        # How often a consumer timeout took each task back from us while it ran (by Delivery.identity).
+        self.timed_out: collections.Counter[str] = collections.Counter()
         # Delivered and not settled yet: on the current channel, or running still after their channel died.
         self.in_hand: set[Delivery] = set()
 
@@ -555,17 +593,21 @@ class Worker:
         return workqueue.EXIT_OK
 
     def consume(self, connection: pika.BlockingConnection) -> None:
-        """Declare the queues, take tasks until told to stop, then settle the running ones."""
-        channel = self.channel = connection.channel()
-        channel.basic_qos(prefetch_count=self.args.prefetch)  # at most N unacked tasks at this worker
-        channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
+        """Declare the queues, take tasks until told to stop, then settle the running ones.
+
+        A consumer that the broker cancels, or a channel it closes over a consumer timeout, is
+        replaced by a fresh channel: its deliveries are the broker's again, and none of them may be
+        acked (or started) on the next channel."""
         self.settle_finished()  # tasks of an earlier connection that ended meanwhile: report their lost acks
-        self.tick(channel)
-        while True:
-            for name in (self.args.queue, self.dead_letter_queue):
-                channel.queue_declare(
-                    queue=name, durable=True, arguments=workqueue.queue_arguments(self.args.queue_type)
-                )
+        self.tick(connection)
+        while not self.stopping:
+            channel = self.channel = connection.channel()
+            channel.basic_qos(prefetch_count=self.args.prefetch)  # at most N unacked tasks at this worker
+            channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
+            channel.queue_declare(
+                queue=self.args.queue, durable=True, arguments=workqueue.queue_arguments(self.args.queue_type)
+            )
+            workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)
             for delay in self.wait_delays():  # a failed task waits there, then the broker moves it back
                 channel.queue_declare(
                     queue=workqueue.wait_queue(self.args.queue, delay),
@@ -574,42 +616,112 @@ class Worker:
                 )
             if self.args.max_tasks is not None and self.started >= self.args.max_tasks:
                 self.stopping = True  # --max-tasks 0, or all taken before a reconnect: none more
-            if self.stopping:
                 break
             channel.basic_consume(
                 queue=self.args.queue,
                 on_message_callback=self.on_message,
                 auto_ack=self.args.auto_ack,
+                arguments=self.consumer_arguments(),
             )
             self.say("[*] Waiting for messages. To exit press CTRL+C")
             self.metrics.consuming()
-            channel.start_consuming()  # until our consumer is cancelled, by us or by the broker
-            if self.stopping:
-                break
-            self.metrics.lost("the broker cancelled our consumer: declaring the queue again")
-            LOGGER.warning(
-                "the broker cancelled our consumer (was queue '%s' deleted?): declaring it again", self.args.queue
-            )
+            try:
+                channel.start_consuming()  # until our consumer is cancelled, by us or by the broker
+            except pika.exceptions.ChannelClosedByBroker as error:
+                if not is_consumer_timeout(error):
+                    raise
+                why = f"the broker's consumer timeout took back our tasks ({error.reply_text.split('. ')[-2]})"
+                timed_out = True
+                self.replace_channel(channel, f"{why}; {CONSUMER_TIMEOUT_HINT}", timed_out)
+            else:
+                if self.stopping:
+                    break
+                why, timed_out = self.why_cancelled(connection, channel)
+                self.replace_channel(channel, why, timed_out)
+            if timed_out:
+                # The task taken back comes straight back to us: consume again once a thread is free
+                # to run it, or it waits past the timeout again.
+                while self.running() >= self.args.concurrency and not self.stopping:
+                    connection.process_data_events(time_limit=0.25)
+                    self.settle_finished()
         while self.in_hand:  # warm shutdown: the running tasks' acks go out here
             connection.process_data_events(time_limit=0.25)
             self.settle_finished()
+
+    def running(self) -> int:
+        return sum(1 for delivery in self.in_hand if delivery.state is TaskState.RUNNING)
+
+    def consumer_arguments(self) -> dict:
+        """x-consumer-timeout (RabbitMQ 4.3; older brokers ignore it): how long the broker lets this
+        consumer hold a task unacked before it takes the task back."""
+        if self.args.consumer_timeout is None:
+            return {}
+        return {"x-consumer-timeout": round(self.args.consumer_timeout * 1000)}
+
+    def why_cancelled(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> tuple[str, bool]:
+        """The broker cancelled our consumer (basic.cancel says no reason): find out which of the usual
+        ones. (what to say, whether it was a consumer timeout)"""
+        try:
+            with contextlib.closing(connection.channel()) as probe:
+                probe.queue_declare(queue=self.args.queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code != 404:
+                raise
+            return (
+                f"the broker cancelled our consumer: queue '{self.args.queue}' was deleted; declaring it again",
+                False,
+            )
+        held = [d for d in self.in_hand if d.channel is channel]
+        if held:  # RabbitMQ 4.3 cancels, rather than closes the channel, when a task is held too long
+            oldest = max(time.monotonic() - d.received for d in held)
+            why = (
+                f"the broker cancelled our consumer while it held {workqueue.plural(len(held), 'task')}, one for "
+                f"{oldest:.0f}s: a consumer timeout took them back; {CONSUMER_TIMEOUT_HINT}"
+            )
+            return why, True
+        return "the broker cancelled our consumer (the node holding the queue may be down); consuming again", False
+
+    def replace_channel(self, channel: BlockingChannel, why: str, timed_out: bool) -> None:
+        """Say why, and leave this channel: its tasks not started are dropped, the running ones' acks are
+        lost (the broker has taken them back), and a fresh channel takes over."""
+        self.drop_not_started()
+        running = [d for d in self.in_hand if d.channel is channel]
+        if timed_out:
+            for delivery in running:
+                self.timed_out[delivery.identity] += 1
+        running = len(running)
+        LOGGER.warning("%s%s", why, lost_acks(running))
+        self.metrics.lost(why)
+        if channel.is_open:
+            try:
+                channel.close()  # whatever the broker still counts as ours goes back now
+            except pika.exceptions.AMQPError:
+                pass
 
     def on_message(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
         """A task arrived: hand it to a task thread (or straight back, if we are stopping)."""
         self.act_on_stop()
         retries, complaint = retries_of(properties)
-        unsettled = unsettled_deliveries(properties)
-        delivery = Delivery(channel, method.delivery_tag, body, properties, method.redelivered, retries, unsettled)
+        returns = returns_of(properties)
+        delivery = Delivery(channel, method.delivery_tag, body, properties, method.redelivered, retries, returns)
         if complaint:
             LOGGER.warning("%s (task '%s')", complaint, delivery.label)
         if self.stopping and not self.args.auto_ack:  # auto-acked tasks are ours alone: do them
             self.hand_back(delivery)
             return
-        if not self.args.auto_ack and delivery.attempt > self.args.max_retries + 1:
-            # Every earlier delivery ended without an ack or a failure: the process running it died
+        if not self.args.auto_ack and returns.counted > self.max_returns:
+            # Its earlier deliveries ended without an ack or a failure: the process running it died
             # (out of memory, a segfault) or lost its connection. Another start could kill this
-            # worker too: it goes to the dead-letter queue instead, and a crash loop ends here.
-            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, f"the worker running it died {unsettled} times"))
+            # worker too: it goes to the dead-letter queue instead, and a crash loop ends here,
+            # before RabbitMQ 4's delivery limit would drop it without a word.
+            why = f"the worker running it died {returns.counted} times"
+            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True)
+            return
+        taken_back = self.timed_out.get(delivery.identity, 0) if method.redelivered else 0
+        if not self.args.auto_ack and taken_back > self.args.max_retries:
+            # RabbitMQ 4.3 does not count these returns: without this, it would run and be taken back forever.
+            why = f"the broker's consumer timeout took it back {taken_back} times: it runs longer than that allows"
+            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True)
             return
         self.in_hand.add(delivery)  # before submit(): its result may come back at once
         self.tasks.submit(delivery)
@@ -631,14 +743,14 @@ class Worker:
         except pika.exceptions.ConnectionWrongStateError:
             pass  # that connection is gone: tick() or finish_orphans() reports the lost ack
 
-    def tick(self, channel: BlockingChannel) -> None:
+    def tick(self, connection: pika.BlockingConnection) -> None:
         """Every 0.2 s, in the connection's thread: act on a signal (its handler only sets flags),
         and settle tasks whose wake-up could not reach us because their connection had died."""
-        if not channel.is_open:
+        if not connection.is_open:
             return
         self.act_on_stop()
         self.settle_finished()
-        channel.connection.call_later(0.2, functools.partial(self.tick, channel))
+        connection.call_later(0.2, functools.partial(self.tick, connection))
 
     def act_on_stop(self) -> None:
         """After a signal, cancel the consumer at the first chance: in tick(), on_message() or before
@@ -651,6 +763,12 @@ class Worker:
         has not started; after --max-tasks, the tasks taken are all run."""
         self.stopping = True
         self.metrics.lost("shutting down")
+        for tag in list(channel.consumer_tags):
+            # Cancel first: a task handed back while the consumer still runs would come straight
+            # back to it, and go back a second time. pika returns deliveries it had not handed to
+            # on_message yet; an auto-ack consumer's come back to us instead: ours alone, so do them.
+            for method, properties, body in channel.basic_cancel(tag):
+                self.on_message(channel, method, properties, body)
         if self.tasks.no_new_tasks.is_set():  # set by the signal (never with --auto-ack)
             for delivery in list(self.in_hand):
                 if self.tasks.drop(delivery):  # still waiting for a thread
@@ -659,14 +777,10 @@ class Worker:
         if self.signalled and self.in_hand:
             running = workqueue.plural(len(self.in_hand), "running task")
             self.say(f"[*] Finishing {running} first (press CTRL+C again to quit now)")
-        for tag in list(channel.consumer_tags):
-            # pika nacks (requeues) deliveries it had not handed to on_message yet; an auto-ack
-            # consumer's come back to us instead: they are ours alone, so do them.
-            for method, properties, body in channel.basic_cancel(tag):
-                self.on_message(channel, method, properties, body)
 
     def hand_back(self, delivery: Delivery) -> None:
-        """Shutting down: a task we hold but did not start goes back to the queue, untouched."""
+        """Shutting down: a task we hold but did not start goes back to the queue, untouched. A nack
+        says "could not take it": RabbitMQ 4.3 does not count it toward the queue's delivery limit."""
         if delivery.channel.is_open:
             delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
             self.say(f"[*] Handed back '{delivery.label}' untouched: shutting down")
@@ -712,7 +826,7 @@ class Worker:
         elif not channel.is_open:
             self.metrics.settled("lost")
             self.say(
-                f"[!] Could not ack '{delivery.label}': its connection is gone; the broker redelivers it if it kept it",
+                f"[!] Could not ack '{delivery.label}': its channel is gone; the broker redelivers it if it kept it",
                 result.thread,
             )
         elif result.outcome is Outcome.DONE:
@@ -732,14 +846,15 @@ class Worker:
         delays = self.args.retry_delays
         return delays[min(retry, len(delays)) - 1]
 
-    def retry_or_dead_letter(self, delivery: Delivery, result: Result) -> None:
+    def retry_or_dead_letter(self, delivery: Delivery, result: Result, final: bool = False) -> None:
         """Publish the failed task to a wait queue (or straight back) or to the DLQ, confirmed, then ack it.
+        `final`: to the DLQ, whatever retries are left (the crash-loop guard).
 
         While a retry waits, no worker holds it: it sits in a durable queue whose TTL hands it back
         to the work queue when its delay is over, through a broker restart or a killed worker."""
-        headers = {k: v for k, v in (delivery.properties.headers or {}).items() if k != "x-delivery-count"}
-        failed = delivery.attempt - 1  # failed attempts before this one, deaths of its workers included
-        if failed < self.args.max_retries:
+        headers = workqueue.without_broker_headers(delivery.properties.headers)
+        failed = delivery.retries  # failed attempts before this one
+        if failed < self.args.max_retries and not final:
             retry = failed + 1
             headers["x-retries"] = retry
             delay = self.retry_delay(retry)
@@ -759,8 +874,6 @@ class Worker:
                 }
             )
             target, what = self.dead_letter_queue, f"moved to {self.dead_letter_queue}"
-        if result.why.startswith("time limit of"):
-            self.metrics.settled("timed_out")
         try:
             delivery.channel.basic_publish(
                 exchange="",
@@ -769,16 +882,35 @@ class Worker:
                 properties=republished(delivery.properties, headers),
                 mandatory=True,
             )
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
-            delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
-            self.metrics.settled("retried")
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as error:
+            # Its failure is not recorded yet: we keep the delivery (unacked, it holds its prefetch
+            # slot) and publish again after a pause that grows while publishing keeps failing. Handing
+            # it back would run it again at once, and count toward RabbitMQ 4's delivery limit.
+            refused = "no such queue" if isinstance(error, pika.exceptions.UnroutableError) else "the broker refused it"
+            pause = self.publish_backoff.next()
             self.say(
-                f"[!] Failed '{delivery.label}': {result.why}; could not publish to {target}, requeued", result.thread
+                f"[!] Failed '{delivery.label}': {result.why}; could not publish to {target} ({refused}); "
+                f"trying again in {pause:g}s",
+                result.thread,
             )
+            again = functools.partial(self.publish_again, delivery, result, final)
+            delivery.channel.connection.call_later(pause, again)
             return
+        self.publish_backoff.reset()
         delivery.channel.basic_ack(delivery.delivery_tag)
+        if result.why.startswith("time limit of"):
+            self.metrics.settled("timed_out")
         self.metrics.settled("dead_lettered" if target == self.dead_letter_queue else "retried")
         self.say(f"[!] Failed '{delivery.label}': {result.why}; {what}", result.thread)
+
+    def publish_again(self, delivery: Delivery, result: Result, final: bool) -> None:
+        """After a pause: publish a failed task's retry or dead letter again; shutting down, hand it back."""
+        if not delivery.channel.is_open:
+            return  # its channel died: the broker has it back, and redelivers it
+        if self.stopping:
+            self.hand_back(delivery)
+        else:
+            self.retry_or_dead_letter(delivery, result, final)
 
     # Signals: the first asks for a warm shutdown, the second quits at once.
 
@@ -794,6 +926,21 @@ class Worker:
         if not self.args.auto_ack:
             self.tasks.no_new_tasks.set()  # from now on no task starts; tick() cancels the consumer
         os.write(1, f"{self.args.name} [*] Warm shutdown: taking no new tasks\n".encode())
+
+
+CONSUMER_TIMEOUT_HINT = (
+    "for tasks this long, raise the broker's consumer_timeout, or give --consumer-timeout (RabbitMQ 4.3)"
+)
+
+
+def is_consumer_timeout(error: BaseException) -> bool:
+    """RabbitMQ before 4.3 closes the channel when a delivery stays unacked past its consumer timeout."""
+    return (
+        isinstance(error, pika.exceptions.ChannelClosedByBroker)
+        and error.reply_code == 406
+        and "acknowledgement" in error.reply_text
+        and "timed out" in error.reply_text
+    )
 
 
 def lost_acks(running: int) -> str:
@@ -850,6 +997,10 @@ def main() -> int:
             "--time-limit needs --isolation process: a thread cannot be stopped, a child process can"
         )
     args.isolation = args.isolation or ("process" if args.time_limit is not None else "thread")
+    if args.consumer_timeout is None and args.time_limit is not None and args.prefetch:
+        # Each task it holds may wait for the ones before it, each up to the time limit.
+        rounds = -(-args.prefetch // args.concurrency)
+        args.consumer_timeout = rounds * args.time_limit + 60
     for url in workqueue.broker_urls(args.url):
         workqueue.connection_parameters(url)  # a bad URL is a usage error, before connecting
     task = load_task(args.task) if args.task else dot_task(args.dot_seconds)

@@ -10,6 +10,7 @@ URL shown to a person goes through ``redact()``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -319,6 +320,67 @@ def queue_arguments(queue_type: str) -> dict:
 
 def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dlq"
+
+
+# RabbitMQ 4 gives every quorum queue a delivery limit of 20: a message returned more often is
+# dead-lettered by the broker if the queue has a dead-letter exchange, else dropped. (3.10 has none.)
+BROKER_DELIVERY_LIMIT = 20
+
+
+# Headers a broker sets on a message it delivers or dead-letters: not ours to copy onto a new message
+# (a retry, a dead letter, a replay). 4.3 adds x-acquired-count; 3.13 and later x-last-death-*.
+BROKER_HEADERS = ("x-delivery-count", "x-acquired-count", "x-death")
+BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
+
+
+def without_broker_headers(headers: dict | None) -> dict:
+    return {
+        key: value
+        for key, value in (headers or {}).items()
+        if key not in BROKER_HEADERS and not key.startswith(BROKER_HEADER_PREFIXES)
+    }
+
+
+def broker_version(connection: pika.BlockingConnection) -> tuple[int, ...]:
+    """The broker's version, (4, 3, 6) say, from what it announced when we connected; (0,) if unknown."""
+    version = connection._impl.server_properties.get("version", b"")  # pika has no public accessor
+    text = version.decode(errors="replace") if isinstance(version, bytes) else str(version)
+    numbers = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(n) for n in numbers.groups() if n is not None) if numbers else (0,)
+
+
+def dead_letter_queue_arguments(queue_type: str, version: tuple[int, ...]) -> dict:
+    """The dead-letter queue's arguments: on RabbitMQ 4, no delivery limit, so that reading it (a
+    return each time) never drops a dead task. 3.10 has no default limit, and takes -1 as 0."""
+    arguments = queue_arguments(queue_type)
+    if queue_type == "quorum" and version >= (4,):
+        arguments["x-delivery-limit"] = -1
+    return arguments
+
+
+def declare_dead_letter_queue(connection: pika.BlockingConnection, queue: str, queue_type: str) -> None:
+    """Declare <queue>.dlq on a channel of its own (a refused declaration closes its channel).
+
+    A dead-letter queue that an earlier version declared without x-delivery-limit keeps working,
+    with a warning: on RabbitMQ 4 it drops a dead task that was returned 20 times (listed, say)."""
+    name = dead_letter_queue(queue)
+    arguments = dead_letter_queue_arguments(queue_type, broker_version(connection))
+    try:
+        with contextlib.closing(connection.channel()) as channel:
+            channel.queue_declare(queue=name, durable=True, arguments=arguments)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if not (error.reply_code == 406 and "'x-delivery-limit'" in error.reply_text):
+            raise
+        with contextlib.closing(connection.channel()) as channel:
+            channel.queue_declare(queue=name, durable=True, arguments=queue_arguments(queue_type))
+        LOGGER.warning(
+            "queue '%s' has RabbitMQ 4's delivery limit (it was declared without x-delivery-limit): a dead task "
+            "returned 20 times is dropped; lift it with: rabbitmqctl set_policy %s-no-limit '^%s$' "
+            "'{\"delivery-limit\": -1}' --apply-to quorum_queues, or delete the queue when it is empty",
+            name,
+            name,
+            re.escape(name),
+        )
 
 
 def wait_queue(queue: str, delay: float) -> str:

@@ -237,8 +237,9 @@ def main() -> int:
     if args.url:
         url = args.url
     else:
-        print("Starting a throwaway RabbitMQ node...", file=sys.stderr)
-        node = local_broker.BrokerNode(name="bench").start()
+        rabbitmq = local_broker.RabbitMQ()  # the system's, or $WORKQUEUE_RABBITMQ (./run.sh bench --rabbitmq 4.3)
+        print(f"Starting a throwaway RabbitMQ {rabbitmq.version()} node...", file=sys.stderr)
+        node = local_broker.BrokerNode(name="bench", rabbitmq=rabbitmq).start()
         url = node.url
     out = []
     try:

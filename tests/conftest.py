@@ -23,9 +23,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from local_broker import BrokerError, BrokerNode  # noqa: E402
+from local_broker import RELEASES, BrokerError, BrokerNode, RabbitMQ  # noqa: E402
 
 HEARTBEAT = 2
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--rabbitmq",
+        choices=RELEASES,
+        help="the RabbitMQ release of the test nodes (default: $WORKQUEUE_RABBITMQ, else system)",
+    )
+
+
+def pytest_configure(config):
+    # One release for the whole run: the session's node, and the nodes scripts start (exercises, clusters).
+    if config.getoption("--rabbitmq"):
+        os.environ["WORKQUEUE_RABBITMQ"] = config.getoption("--rabbitmq")
+
+
+def pytest_report_header(config):
+    rabbitmq = RabbitMQ()
+    return f"rabbitmq: {rabbitmq.release} ({rabbitmq.version()})"
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +62,7 @@ def tls_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def broker(tls_files):
-    node = BrokerNode(name="test", heartbeat=HEARTBEAT, tls=tls_files).start()
+    node = BrokerNode(name="test", heartbeat=HEARTBEAT, tls=tls_files, rabbitmq=RabbitMQ()).start()
     yield node
     node.destroy()
 

@@ -54,8 +54,7 @@ def proxy(broker):
 
 
 # --- 1. Long tasks --------------------------------------------------------------
-
-
+@pytest.mark.queue_semantics
 def test_a_task_longer_than_two_heartbeats_is_done_exactly_once(env, queue, start, broker):
     task = "long" + "." * 6  # 6 s of work; the broker drops a silent client after 2 x 2 s
     assert 2 * HEARTBEAT < 6
@@ -196,6 +195,7 @@ def test_producer_ends_when_its_quorum_queue_is_deleted_under_a_bulk_publish(env
 # --- 4. Failing tasks -------------------------------------------------------------
 
 
+@pytest.mark.queue_semantics
 @pytest.mark.parametrize("queue_type", ["quorum", "classic"])
 def test_a_failing_task_is_retried_then_dead_lettered(env, queue, start, broker, queue_type):
     worker = start_worker(start, queue, "--queue-type", queue_type, "--max-retries", "2", "--retry-delays", "0.3")
@@ -215,8 +215,7 @@ def test_a_failing_task_is_retried_then_dead_lettered(env, queue, start, broker,
 
 
 # --- 5. Shutdown ------------------------------------------------------------------
-
-
+@pytest.mark.queue_semantics
 def test_first_sigterm_finishes_and_acks_the_current_task(env, queue, start, broker):
     worker = start_worker(start, queue, "--dot-seconds", "1")
     publish(env, queue, "current...", "next")
@@ -242,6 +241,7 @@ def test_sigusr1_shows_where_a_long_task_is_and_the_worker_goes_on(env, queue, s
     assert worker.proc.poll() is None
 
 
+@pytest.mark.queue_semantics
 def test_second_signal_exits_at_once_and_the_task_goes_back(env, queue, start, broker):
     worker = start_worker(start, queue, "--dot-seconds", "1")
     publish(env, queue, "current" + "." * 30)
@@ -257,8 +257,7 @@ def test_second_signal_exits_at_once_and_the_task_goes_back(env, queue, start, b
 
 
 # --- 6. Cancelled by the broker ------------------------------------------------------
-
-
+@pytest.mark.queue_semantics
 def test_worker_declares_a_deleted_queue_again_and_resumes(env, queue, start):
     worker = start_worker(start, queue)
     deleted = run_script("delete_queue.py", queue, env=env)

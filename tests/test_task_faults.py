@@ -19,6 +19,8 @@ from conftest import (
     wait_until,
 )
 
+pytestmark = pytest.mark.queue_semantics
+
 SOCKET_TASK = """
 import socket
 

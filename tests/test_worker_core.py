@@ -46,6 +46,7 @@ def received(worker, task: str) -> int:
 # --- What a message carries ------------------------------------------------------------
 
 
+@pytest.mark.queue_semantics
 @pytest.mark.parametrize("bad_value", ["oops", -3, True, [1]])
 def test_a_malformed_retry_header_does_not_wedge_the_worker(env, queue, start, broker, bad_value):
     worker = start_worker(start, queue, "--max-retries", "1")
@@ -130,6 +131,7 @@ def test_auto_ack_with_max_tasks_is_refused_with_the_reason(env, queue):
     assert "--max-tasks cannot be exact with --auto-ack" in result.stderr
 
 
+@pytest.mark.queue_semantics
 def test_max_tasks_is_exact_at_a_higher_prefetch(env, queue, start, broker):
     publish(env, queue, *[f"t{i}" for i in range(20)])
     worker = start_worker(start, queue, "--prefetch", "10", "--max-tasks", "3")
@@ -140,8 +142,7 @@ def test_max_tasks_is_exact_at_a_higher_prefetch(env, queue, start, broker):
 
 
 # --- Deliveries die with their channel ------------------------------------------------------
-
-
+@pytest.mark.queue_semantics
 def test_a_reconnect_at_prefetch_10_runs_no_stale_delivery(env, queue, start, broker, proxy):
     tasks = ["t1" + "." * 12] + [f"t{i}.." for i in range(2, 6)]  # t1: 6 s, the cut comes while it runs
     worker = start_worker(start, queue, "--url", proxy.url(), "--prefetch", "10", "--dot-seconds", "0.5")
@@ -181,6 +182,7 @@ def test_concurrency_runs_n_tasks_at_once(env, queue, start, broker):
     wait_for_counts(broker, queue, 0, 0)
 
 
+@pytest.mark.queue_semantics
 def test_warm_shutdown_finishes_every_running_task_and_hands_back_the_rest(env, queue, start, broker):
     # prefetch 5 > concurrency 3: two deliveries wait inside the worker; they go back untouched.
     worker = start_worker(start, queue, "--concurrency", "3", "--prefetch", "5", "--dot-seconds", "1")
@@ -197,6 +199,7 @@ def test_warm_shutdown_finishes_every_running_task_and_hands_back_the_rest(env, 
     assert sorted(body.decode() for body, _ in get_all(broker, queue)) == sorted(set(tasks) - set(done_tasks(worker)))
 
 
+@pytest.mark.queue_semantics
 def test_a_cut_with_n_running_redelivers_each_once_and_acks_nothing_on_the_new_channel(
     env, queue, start, broker, proxy
 ):

@@ -1,0 +1,203 @@
+"""The rules each RabbitMQ release applies to a task that comes back, and how the worker keeps to them:
+delivery counts, RabbitMQ 4's delivery limit of 20, consumer timeouts, hand-backs at shutdown.
+
+./run.sh test runs these on every supported release (3.10, 4.0, 4.3). Where a release has no such
+rule (3.10 has no delivery limit), the same test checks that nothing is lost there either."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pika
+import pytest
+from conftest import get_all, publish, run_script, start_worker, wait_for_counts
+
+pytestmark = pytest.mark.queue_semantics
+
+LIMIT = 20  # RabbitMQ 4's default delivery limit on quorum queues
+PAST_THE_LIMIT = LIMIT + 2
+
+
+def version(broker) -> tuple[int, ...]:
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        announced = connection._impl.server_properties["version"]
+    return tuple(int(part) for part in announced.split(".")[:2])
+
+
+def take_and_die(broker, queue: str, times: int) -> None:
+    """A consumer that takes the task and dies holding it (its connection closes, no ack), `times` times."""
+    for _ in range(times):
+        with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+            channel = connection.channel()
+            method = None
+            deadline = time.monotonic() + 10
+            while method is None and time.monotonic() < deadline:  # a return takes a moment to be ready
+                method, _, _ = channel.basic_get(queue)
+            assert method is not None, f"the task is gone from {queue}"
+
+
+def take_and_nack(broker, queue: str, times: int) -> None:
+    """A consumer that takes the task and hands it back with basic.nack, `times` times."""
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        channel = connection.channel()
+        for _ in range(times):
+            method = None
+            deadline = time.monotonic() + 10
+            while method is None and time.monotonic() < deadline:
+                method, _, _ = channel.basic_get(queue)
+            assert method is not None, f"the task is gone from {queue}"
+            channel.basic_nack(method.delivery_tag, requeue=True)
+
+
+def returns_seen(headers: dict) -> int:
+    """Every return of a message, as the broker counts it on delivery (4.3: x-acquired-count)."""
+    return headers.get("x-acquired-count", headers.get("x-delivery-count", 0))
+
+
+def one_dead_task(env, queue, start) -> None:
+    """A task that failed its only attempt, in <queue>.dlq; the worker stopped."""
+    worker = start_worker(start, queue, "--max-retries", "0")
+    publish(env, queue, "error")
+    worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; moved to ")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+
+
+def test_listing_the_dead_letters_any_number_of_times_loses_none(env, queue, start, broker):
+    """RabbitMQ 4.0 counts every nack of `list` toward the limit of 20: the dead-letter queue has none."""
+    one_dead_task(env, queue, start)
+    for run in range(1, PAST_THE_LIMIT + 1):
+        listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert "1 dead task in" in listed.stdout, f"run {run}:\n{listed.stdout}"
+        assert listed.stderr == ""
+
+
+def test_dead_tasks_outlive_readers_that_die_holding_them(env, queue, start, broker):
+    """A reader that disconnects without acking counts on 4.0 and 4.3 alike (an interrupted replay, a peek)."""
+    one_dead_task(env, queue, start)
+    take_and_die(broker, queue + ".dlq", PAST_THE_LIMIT)
+    listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)
+    assert "1 dead task in" in listed.stdout, listed.stdout + listed.stderr
+
+
+def test_a_task_whose_workers_keep_dying_is_dead_lettered_whatever_max_retries(env, queue, start, broker):
+    """20 deaths, then a worker with --max-retries 25: RabbitMQ 4 would drop the task at the next death."""
+    publish(env, queue, "crash")  # kills the worker that runs it (--isolation thread)
+    take_and_die(broker, queue, LIMIT)
+    worker = start_worker(start, queue, "--max-retries", "25")
+    worker.wait_for(r"Failed 'crash': the worker running it died 20 times; moved to ")
+    assert worker.count(r"Received 'crash'") == 0 and worker.proc.poll() is None
+    wait_for_counts(broker, queue, 0, 0)
+    ((body, headers),) = get_all(broker, queue + ".dlq")
+    assert body == b"crash" and headers["x-error"] == "the worker running it died 20 times"
+
+
+def test_the_redelivery_label_counts_every_return(env, queue, start, broker):
+    """4.3 no longer counts nacks in x-delivery-count; x-acquired-count counts every return."""
+    publish(env, queue, "thrice")
+    take_and_nack(broker, queue, 3)
+    worker = start_worker(start, queue)
+    worker.wait_for(r"Received 'thrice' \(redelivered 3 times\)")
+    worker.wait_for(r"Done 'thrice'")
+
+
+def test_headers_the_broker_set_are_not_copied_onto_retries_dead_letters_or_replays(env, queue, start, broker):
+    publish(env, queue, "error")
+    take_and_nack(broker, queue, 1)  # delivered with x-delivery-count (and, on 4.3, x-acquired-count)
+    worker = start_worker(start, queue, "--max-retries", "2", "--retry-delays", "0.5")
+    # It went through a wait queue, which gave it x-death headers on its way back.
+    worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; moved to ", timeout=30)
+    broker_set = re.compile(r"x-acquired-count|x-death|x-first-death-|x-last-death-")
+
+    def copied(headers: dict) -> list[str]:
+        # 3.10 puts x-delivery-count 0 on every first delivery: a non-zero one was copied.
+        return [k for k in headers if broker_set.match(k) or (k == "x-delivery-count" and headers[k])]
+
+    ((body, headers),) = get_all(broker, queue + ".dlq")
+    assert body == b"error" and headers["x-retries"] == 2
+    assert copied(headers) == [], headers
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+
+    one_dead_task(env, queue, start)
+    take_and_nack(broker, queue + ".dlq", 2)
+    replayed = run_script("dead_letters.py", "replay", "--queue", queue, env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    ((body, headers),) = get_all(broker, queue)
+    assert body == b"error" and copied(headers) == [], headers
+
+
+def test_a_warm_shutdown_hands_each_held_task_back_once(env, queue, start, broker):
+    worker = start_worker(start, queue, "--prefetch", "2", "--dot-seconds", "0.1")
+    publish(env, queue, "long" + "." * 20, "held")
+    worker.wait_for(r"Received 'long")
+    wait_for_counts(broker, queue, 0, 2)  # 'held' is at the worker, waiting for its thread
+    worker.signal(signal.SIGTERM)
+    worker.wait_for(r"Handed back 'held' untouched")
+    assert worker.wait() == 0
+    wait_for_counts(broker, queue, 1, 0)
+    ((body, headers),) = get_all(broker, queue)
+    assert body == b"held" and returns_seen(headers) == 1, headers
+
+
+def test_a_refused_dead_letter_publish_backs_off_and_loses_nothing(env, queue, start, broker):
+    """A dead-letter queue that refuses (full, say) must not turn the worker into a hot loop."""
+    worker = start_worker(start, queue, "--max-retries", "0")
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("", queue + ".dlq", b"earlier")
+    policy = f"{queue}-full"  # a quorum queue refuses a publish once it is past its max-length: 1 > 0
+    broker.rabbitmqctl(
+        "set_policy", policy, f"^{re.escape(queue)}\\.dlq$", '{"max-length": 0, "overflow": "reject-publish"}',
+        "--apply-to", "queues",
+    )  # fmt: skip
+    try:
+        publish(env, queue, "error")
+        worker.wait_for(r"could not publish to \S+\.dlq \(the broker refused it\); trying again in")
+        time.sleep(3)  # how often it tries in these 3 s is what the test is about
+        tries = worker.count(r"could not publish to")
+        assert tries <= 5, worker.output  # 0.25 + 0.5 + 1 + 2 s of pauses; a hot loop makes hundreds
+        # Room again: a quorum queue lets publishes in once its length falls (a policy change alone is not enough).
+        assert [body for body, _ in get_all(broker, queue + ".dlq")] == [b"earlier"]
+    finally:
+        broker.rabbitmqctl("clear_policy", policy)
+    worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; moved to ", timeout=30)
+    wait_for_counts(broker, queue, 0, 0)
+    ((body, headers),) = get_all(broker, queue + ".dlq")
+    assert body == b"error" and headers["x-error"] == "TaskFailed: the task says 'error'"
+    assert worker.count(r"Received 'error'") == 1 and worker.proc.poll() is None
+
+
+@pytest.fixture
+def consumer_timeout_3s(broker):
+    """The broker takes a task back from a consumer that holds it unacked for 3 s (30 min by default)."""
+    broker.rabbitmqctl("eval", "application:set_env(rabbit, consumer_timeout, 3000).")
+    yield
+    broker.rabbitmqctl("eval", "application:set_env(rabbit, consumer_timeout, 1800000).")
+
+
+def test_a_consumer_timeout_is_named_and_leaves_nothing_held(env, queue, start, broker, consumer_timeout_3s):
+    """4.3 cancels the consumer (it used to be misread as a deleted queue, then pika crashed); older
+    releases close the channel. Either way: one clear line, a fresh channel, the task not lost."""
+    worker = start_worker(start, queue, "--max-retries", "1", "--dot-seconds", "1")
+    publish(env, queue, "slow......")  # 6 s: twice the timeout
+    worker.wait_for(r"consumer timeout", timeout=30)
+    worker.wait_for(r"moved to|Done 'slow", timeout=60)
+    assert not re.search(r"connection lost|deleted|KeyError", worker.output), worker.output
+    assert worker.proc.poll() is None
+    wait_for_counts(broker, queue, 0, 0)
+
+
+def test_consumer_timeout_option_holds_a_long_task_on_4_3(env, queue, start, broker, consumer_timeout_3s):
+    worker = start_worker(start, queue, "--consumer-timeout", "30", "--dot-seconds", "1")
+    publish(env, queue, "slow......")
+    if version(broker) >= (4, 3):  # x-consumer-timeout on basic.consume: the broker's setting yields to it
+        worker.wait_for(r"Done 'slow\.+'", timeout=30)
+        assert "consumer timeout" not in worker.output
+        wait_for_counts(broker, queue, 0, 0)
+    else:  # older releases ignore it: the broker's own setting applies, and the worker says so
+        worker.wait_for(r"consumer timeout", timeout=30)
