@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import copy
 import enum
 import faulthandler
@@ -662,7 +661,7 @@ class Worker:
         """The broker cancelled our consumer (basic.cancel says no reason): find out which of the usual
         ones. (what to say, whether it was a consumer timeout)"""
         try:
-            with contextlib.closing(connection.channel()) as probe:
+            with workqueue.short_channel(connection) as probe:
                 probe.queue_declare(queue=self.args.queue, passive=True)
         except pika.exceptions.ChannelClosedByBroker as error:
             if error.reply_code != 404:

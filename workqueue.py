@@ -358,6 +358,20 @@ def dead_letter_queue_arguments(queue_type: str, version: tuple[int, ...]) -> di
     return arguments
 
 
+@contextlib.contextmanager
+def short_channel(connection: pika.BlockingConnection):
+    """A channel for one question, closed afterwards unless the broker closed it (a refused declare)."""
+    channel = connection.channel()
+    try:
+        yield channel
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
+_WARNED_OF_A_LIMIT: set[str] = set()  # dead-letter queues we warned of (only the connection's thread declares)
+
+
 def declare_dead_letter_queue(connection: pika.BlockingConnection, queue: str, queue_type: str) -> None:
     """Declare <queue>.dlq on a channel of its own (a refused declaration closes its channel).
 
@@ -366,13 +380,16 @@ def declare_dead_letter_queue(connection: pika.BlockingConnection, queue: str, q
     name = dead_letter_queue(queue)
     arguments = dead_letter_queue_arguments(queue_type, broker_version(connection))
     try:
-        with contextlib.closing(connection.channel()) as channel:
+        with short_channel(connection) as channel:
             channel.queue_declare(queue=name, durable=True, arguments=arguments)
     except pika.exceptions.ChannelClosedByBroker as error:
         if not (error.reply_code == 406 and "'x-delivery-limit'" in error.reply_text):
             raise
-        with contextlib.closing(connection.channel()) as channel:
+        with short_channel(connection) as channel:
             channel.queue_declare(queue=name, durable=True, arguments=queue_arguments(queue_type))
+        if name in _WARNED_OF_A_LIMIT:
+            return
+        _WARNED_OF_A_LIMIT.add(name)  # once a process, not at every reconnect
         LOGGER.warning(
             "queue '%s' has RabbitMQ 4's delivery limit (it was declared without x-delivery-limit): a dead task "
             "returned 20 times is dropped; lift it with: rabbitmqctl set_policy %s-no-limit '^%s$' "

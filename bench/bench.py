@@ -33,6 +33,7 @@ import peers  # noqa: E402
 import turnaround  # noqa: E402
 
 import local_broker  # noqa: E402
+import workqueue  # noqa: E402
 
 BENCH = ROOT / "bench"
 PY = sys.executable
@@ -245,6 +246,8 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
+            with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+                broker = "RabbitMQ " + ".".join(map(str, workqueue.broker_version(connection)))
             print("Publishing...", file=sys.stderr)
             publish = publish_rows(url, publish_n, per_process, tmp)
             print("Draining...", file=sys.stderr)
@@ -298,7 +301,8 @@ def main() -> int:
     tutorial_drain = next(iter(rates.values()))
     out.append(
         f"Machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
-        f"Python {platform.python_version()}, pika {pika.__version__}; persistent messages, quorum queue, loopback."
+        f"Python {platform.python_version()}, pika {pika.__version__}, {broker}; persistent messages, quorum queue, "
+        "loopback."
     )
     out.append("")
     out.append("| what | size | rate | vs ours / vs tutorial | peak RSS |")

@@ -38,6 +38,7 @@ def test_benchmark_runs_and_prints_its_table(broker):
             rf"\| drain, 50 ms I/O-bound tasks: \*\*ours\*\*: worker.py --concurrency {concurrency} \|", result.stdout
         )
     assert "ours: new_task.py --file" in result.stdout
+    assert re.search(r"^Machine: .*, RabbitMQ \d+\.\d+\.\d+;", result.stdout, re.M)  # which broker the figures are of
     assert "prefetch 0 (round-robin)" in result.stdout
     if as_root:
         assert re.search(

@@ -201,3 +201,26 @@ def test_consumer_timeout_option_holds_a_long_task_on_4_3(env, queue, start, bro
         wait_for_counts(broker, queue, 0, 0)
     else:  # older releases ignore it: the broker's own setting applies, and the worker says so
         worker.wait_for(r"consumer timeout", timeout=30)
+
+
+def test_a_dead_letter_queue_declared_before_keeps_working_and_says_how_to_lift_its_limit(env, queue, start, broker):
+    """A <queue>.dlq that an earlier version declared (quorum, nothing else) has RabbitMQ 4's limit."""
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        connection.channel().queue_declare(queue + ".dlq", durable=True, arguments={"x-queue-type": "quorum"})
+    worker = start_worker(start, queue, "--max-retries", "0")
+    publish(env, queue, "error")
+    worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; moved to ")
+    warning = [line for line in worker.lines if "delivery limit" in line]
+    if version(broker) < (4, 0):
+        assert warning == []  # 3.10 has no such limit
+        return
+    assert len(warning) == 1, worker.output
+    policy = re.search(r"rabbitmqctl (set_policy \S+ '(.*?)' '(.*?)' --apply-to quorum_queues)", warning[0])
+    assert policy, warning[0]
+    broker.rabbitmqctl("set_policy", policy[1].split()[1], policy[2], policy[3], "--apply-to", "quorum_queues")
+    try:
+        for _ in range(PAST_THE_LIMIT):  # what the warning's policy is for
+            listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)
+            assert "1 dead task in" in listed.stdout, listed.stdout + listed.stderr
+    finally:
+        broker.rabbitmqctl("clear_policy", policy[1].split()[1])

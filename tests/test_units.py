@@ -17,7 +17,7 @@ import pytest
 import bench
 import workqueue
 from new_task import END, NACK_RETRIES, LineReader, Outbox, queued
-from worker import TaskFailed, dot_task, retries_of
+from worker import Returns, TaskFailed, dot_task, retries_of, returns_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -247,3 +247,41 @@ def test_the_readmes_python_examples_pass_the_projects_lint(tmp_path):
             check=False,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("headers", "returns"),
+    [
+        (None, Returns(0, 0)),  # a classic queue, or a first delivery on RabbitMQ 4
+        ({"x-delivery-count": 0}, Returns(0, 0)),  # a first delivery on 3.10
+        ({"x-delivery-count": 3}, Returns(3, 3)),  # 3.10 and 4.0: every return counts
+        ({"x-delivery-count": 1, "x-acquired-count": 4}, Returns(1, 4)),  # 4.3: nacks are not counted
+        ({"x-acquired-count": 2}, Returns(0, 2)),  # 4.3: two nacks, nothing counted toward the limit
+        ({"x-delivery-count": "7", "x-acquired-count": -1}, Returns(0, 0)),  # from another program: ignored
+    ],
+)
+def test_returns_read_each_release_s_headers(headers, returns):
+    assert returns_of(pika.BasicProperties(headers=headers)) == returns
+
+
+def test_broker_headers_are_left_out_and_ours_kept():
+    headers = {
+        "x-retries": 2,
+        "x-error": "boom",
+        "x-delivery-count": 3,
+        "x-acquired-count": 5,
+        "x-death": [{"count": 1}],
+        "x-first-death-queue": "q.retry.1s",
+        "x-last-death-reason": "expired",
+        "trace-id": "abc",
+    }
+    assert workqueue.without_broker_headers(headers) == {"x-retries": 2, "x-error": "boom", "trace-id": "abc"}
+
+
+@pytest.mark.parametrize(
+    ("queue_type", "version", "limit"),
+    [("quorum", (3, 10, 8), None), ("quorum", (4, 0, 5), -1), ("quorum", (4, 3, 6), -1), ("classic", (4, 3), None)],
+)
+def test_the_dead_letter_queue_has_no_delivery_limit_on_rabbitmq_4(queue_type, version, limit):
+    arguments = workqueue.dead_letter_queue_arguments(queue_type, version)
+    assert arguments.get("x-delivery-limit") == limit and arguments["x-queue-type"] == queue_type
