@@ -22,7 +22,6 @@ How it stays correct where the tutorial's worker is not:
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import enum
 import faulthandler
@@ -245,6 +244,7 @@ class Delivery:
     retries: int  # failed attempts so far, from our x-retries header
     returns: Returns  # how often it came back unsettled before (quorum queues only)
     state: TaskState = TaskState.WAITING  # see TaskPool
+    taken_back: bool = False  # by the broker's consumer timeout: not ours to ack (Worker.leave_channel)
     received: float = field(default_factory=time.monotonic)  # when it came (time.monotonic())
 
     @property
@@ -549,7 +549,10 @@ class Worker:
         # A crash loop ends at --max-retries deaths, and always before RabbitMQ 4 would drop the task.
         self.max_returns = min(args.max_retries, workqueue.BROKER_DELIVERY_LIMIT - 1)
         # How often a consumer timeout took each task back from us while it ran (by Delivery.identity).
-        self.timed_out: collections.Counter[str] = collections.Counter()
+        self.timed_out: dict[str, int] = {}
+        self.retired: set[BlockingChannel] = set()  # channels left while tasks of theirs still run (4.3)
+        # Failed tasks whose retry or dead letter the broker refused: held (unacked) until published.
+        self.awaiting_publish: set[Delivery] = set()
         # Delivered and not settled yet: on the current channel, or running still after their channel died.
         self.in_hand: set[Delivery] = set()
 
@@ -629,15 +632,18 @@ class Worker:
             except pika.exceptions.ChannelClosedByBroker as error:
                 if not is_consumer_timeout(error):
                     raise
-                why = f"the broker's consumer timeout took back our tasks ({error.reply_text.split('. ')[-2]})"
-                timed_out = True
-                self.replace_channel(channel, f"{why}; {CONSUMER_TIMEOUT_HINT}", timed_out)
+                # Before 4.3: the broker closed the channel, and every task it held is the broker's again.
+                taken_back = self.oldest_running(channel)
+                timeout = re.search(r"Timeout value used: (\d+) ms", error.reply_text)
+                limit = f" of {int(timeout[1]) / 1000:g}s" if timeout else ""
+                why = f"the broker's consumer timeout{limit} took back our tasks; {CONSUMER_TIMEOUT_HINT}"
+                self.leave_channel(channel, why, taken_back)
             else:
                 if self.stopping:
                     break
-                why, timed_out = self.why_cancelled(connection, channel)
-                self.replace_channel(channel, why, timed_out)
-            if timed_out:
+                why, taken_back = self.why_cancelled(connection, channel)
+                self.leave_channel(channel, why, taken_back)
+            if taken_back:
                 # The task taken back comes straight back to us: consume again once a thread is free
                 # to run it, or it waits past the timeout again.
                 while self.running() >= self.args.concurrency and not self.stopping:
@@ -650,6 +656,11 @@ class Worker:
     def running(self) -> int:
         return sum(1 for delivery in self.in_hand if delivery.state is TaskState.RUNNING)
 
+    def oldest_running(self, channel: BlockingChannel) -> Delivery | None:
+        """The task of this channel held longest: the first a consumer timeout takes back."""
+        running = [d for d in self.in_hand if d.channel is channel and d.state is TaskState.RUNNING]
+        return min(running, key=lambda delivery: delivery.received, default=None)
+
     def consumer_arguments(self) -> dict:
         """x-consumer-timeout (RabbitMQ 4.3; older brokers ignore it): how long the broker lets this
         consumer hold a task unacked before it takes the task back."""
@@ -657,45 +668,69 @@ class Worker:
             return {}
         return {"x-consumer-timeout": round(self.args.consumer_timeout * 1000)}
 
-    def why_cancelled(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> tuple[str, bool]:
-        """The broker cancelled our consumer (basic.cancel says no reason): find out which of the usual
-        ones. (what to say, whether it was a consumer timeout)"""
+    def why_cancelled(
+        self, connection: pika.BlockingConnection, channel: BlockingChannel
+    ) -> tuple[str, Delivery | None]:
+        """The broker cancelled our consumer, and basic.cancel carries no reason: tell the usual ones
+        apart. Returns what to say, and the task a consumer timeout took back (None if it was not one)."""
         try:
             with workqueue.short_channel(connection) as probe:
                 probe.queue_declare(queue=self.args.queue, passive=True)
         except pika.exceptions.ChannelClosedByBroker as error:
             if error.reply_code != 404:
                 raise
-            return (
-                f"the broker cancelled our consumer: queue '{self.args.queue}' was deleted; declaring it again",
-                False,
-            )
-        held = [d for d in self.in_hand if d.channel is channel]
-        if held:  # RabbitMQ 4.3 cancels, rather than closes the channel, when a task is held too long
-            oldest = max(time.monotonic() - d.received for d in held)
+            return f"the broker cancelled our consumer: queue '{self.args.queue}' was deleted; declaring it again", None
+        oldest = self.oldest_running(channel)
+        held_for = time.monotonic() - oldest.received if oldest else 0.0
+        known = self.args.consumer_timeout
+        if oldest and (known is None or held_for >= known - 1):
+            # RabbitMQ 4.3 cancels the consumer, rather than close the channel, when a task is held too long.
             why = (
-                f"the broker cancelled our consumer while it held {workqueue.plural(len(held), 'task')}, one for "
-                f"{oldest:.0f}s: a consumer timeout took them back; {CONSUMER_TIMEOUT_HINT}"
+                f"the broker cancelled our consumer while it held '{oldest.label}' for {held_for:.0f}s: "
+                f"most likely a consumer timeout took it back; {CONSUMER_TIMEOUT_HINT}"
             )
-            return why, True
-        return "the broker cancelled our consumer (the node holding the queue may be down); consuming again", False
+            return why, oldest
+        return (
+            "the broker cancelled our consumer (its queue was deleted and declared again, or the node holding "
+            "it is down); consuming again",
+            None,
+        )
 
-    def replace_channel(self, channel: BlockingChannel, why: str, timed_out: bool) -> None:
-        """Say why, and leave this channel: its tasks not started are dropped, the running ones' acks are
-        lost (the broker has taken them back), and a fresh channel takes over."""
-        self.drop_not_started()
-        running = [d for d in self.in_hand if d.channel is channel]
-        if timed_out:
-            for delivery in running:
-                self.timed_out[delivery.identity] += 1
-        running = len(running)
-        LOGGER.warning("%s%s", why, lost_acks(running))
-        self.metrics.lost(why)
+    def leave_channel(self, channel: BlockingChannel, why: str, taken_back: Delivery | None) -> None:
+        """Say why, and consume on a fresh channel from now on.
+
+        A channel that the broker closed took its tasks back: those not started are dropped, the
+        running ones' acks are lost. A channel whose consumer the broker cancelled (4.3) stays
+        open for its running tasks' acks; its tasks not started go back now, and it is closed once
+        it holds none. A task a consumer timeout took back is not acked, and counted (see on_message)."""
+        if taken_back:
+            taken_back.taken_back = True
+            self.timed_out[taken_back.identity] = self.timed_out.get(taken_back.identity, 0) + 1
+            if len(self.timed_out) > 10_000:  # remember the most recent ones
+                del self.timed_out[next(iter(self.timed_out))]
         if channel.is_open:
-            try:
-                channel.close()  # whatever the broker still counts as ours goes back now
-            except pika.exceptions.AMQPError:
-                pass
+            for delivery in [d for d in self.in_hand if d.channel is channel]:
+                if self.tasks.drop(delivery):
+                    self.in_hand.discard(delivery)
+                    channel.basic_nack(delivery.delivery_tag, requeue=True)
+            self.retired.add(channel)
+            self.close_if_idle(channel)
+            lost = 1 if taken_back else 0
+        else:
+            self.drop_not_started()
+            lost = sum(1 for d in self.in_hand if d.channel is channel)
+        LOGGER.warning("%s%s", why, lost_acks(lost))
+        self.metrics.lost(why)
+
+    def close_if_idle(self, channel: BlockingChannel) -> None:
+        """Close a channel we left, once no task of it is in hand any more."""
+        if channel in self.retired and not any(d.channel is channel for d in self.in_hand | self.awaiting_publish):
+            self.retired.discard(channel)
+            if channel.is_open:
+                try:
+                    channel.close()
+                except pika.exceptions.AMQPError:
+                    pass
 
     def on_message(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
         """A task arrived: hand it to a task thread (or straight back, if we are stopping)."""
@@ -708,18 +743,18 @@ class Worker:
         if self.stopping and not self.args.auto_ack:  # auto-acked tasks are ours alone: do them
             self.hand_back(delivery)
             return
+        taken_back = self.timed_out.get(delivery.identity, 0) if method.redelivered else 0
+        if not self.args.auto_ack and taken_back > self.args.max_retries:
+            # RabbitMQ 4.3 does not count these returns: without this, it would run and be taken back forever.
+            why = f"the broker's consumer timeout took it back {taken_back} times: it runs longer than that allows"
+            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True)
+            return
         if not self.args.auto_ack and returns.counted > self.max_returns:
             # Its earlier deliveries ended without an ack or a failure: the process running it died
             # (out of memory, a segfault) or lost its connection. Another start could kill this
             # worker too: it goes to the dead-letter queue instead, and a crash loop ends here,
             # before RabbitMQ 4's delivery limit would drop it without a word.
             why = f"the worker running it died {returns.counted} times"
-            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True)
-            return
-        taken_back = self.timed_out.get(delivery.identity, 0) if method.redelivered else 0
-        if not self.args.auto_ack and taken_back > self.args.max_retries:
-            # RabbitMQ 4.3 does not count these returns: without this, it would run and be taken back forever.
-            why = f"the broker's consumer timeout took it back {taken_back} times: it runs longer than that allows"
             self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True)
             return
         self.in_hand.add(delivery)  # before submit(): its result may come back at once
@@ -773,6 +808,11 @@ class Worker:
                 if self.tasks.drop(delivery):  # still waiting for a thread
                     self.in_hand.discard(delivery)
                     self.hand_back(delivery)
+        for delivery in list(self.awaiting_publish):  # failed, and not recorded yet: back to the queue
+            self.awaiting_publish.discard(delivery)
+            if delivery.channel.is_open:
+                delivery.channel.basic_reject(delivery.delivery_tag, requeue=True)
+                self.say(f"[*] Handed back '{delivery.label}' (its failure was not recorded yet): shutting down")
         if self.signalled and self.in_hand:
             running = workqueue.plural(len(self.in_hand), "running task")
             self.say(f"[*] Finishing {running} first (press CTRL+C again to quit now)")
@@ -787,6 +827,7 @@ class Worker:
     def drop_not_started(self) -> None:
         """The channel died: its deliveries still waiting for a thread must not run (the broker has
         requeued them), and nothing of that channel may be acked on the next one."""
+        self.awaiting_publish = {d for d in self.awaiting_publish if d.channel.is_open}  # the broker has the rest
         if self.args.auto_ack:
             return  # auto-acked tasks are ours alone: do them rather than lose them
         for delivery in list(self.in_hand):
@@ -822,6 +863,12 @@ class Worker:
                 else f"[!] Failed '{delivery.label}': {result.why} (auto-ack: the task is lost)",
                 result.thread,
             )
+        elif delivery.taken_back:
+            self.metrics.settled("lost")
+            self.say(
+                f"[!] Could not ack '{delivery.label}': the broker's consumer timeout took it back, and redelivers it",
+                result.thread,
+            )
         elif not channel.is_open:
             self.metrics.settled("lost")
             self.say(
@@ -834,6 +881,7 @@ class Worker:
             self.say(f"[x] Done '{delivery.label}' in {result.seconds:.1f}s", result.thread)
         else:
             self.retry_or_dead_letter(delivery, result)
+        self.close_if_idle(channel)
 
     def wait_delays(self) -> list[float]:
         """The retry delays that --max-retries can reach, each once, 0 (at once) left out."""
@@ -885,14 +933,21 @@ class Worker:
             # Its failure is not recorded yet: we keep the delivery (unacked, it holds its prefetch
             # slot) and publish again after a pause that grows while publishing keeps failing. Handing
             # it back would run it again at once, and count toward RabbitMQ 4's delivery limit.
-            refused = "no such queue" if isinstance(error, pika.exceptions.UnroutableError) else "the broker refused it"
+            missing = isinstance(error, pika.exceptions.UnroutableError)
+            refused = "no such queue" if missing else "the broker refused it"
+            if self.stopping:  # no time to wait: it goes back, and counts as a failed delivery
+                delivery.channel.basic_reject(delivery.delivery_tag, requeue=True)
+                self.say(f"[!] Failed '{delivery.label}': {result.why}; could not publish to {target} ({refused}); "
+                         "handed it back: shutting down", result.thread)  # fmt: skip
+                return
             pause = self.publish_backoff.next()
             self.say(
                 f"[!] Failed '{delivery.label}': {result.why}; could not publish to {target} ({refused}); "
                 f"trying again in {pause:g}s",
                 result.thread,
             )
-            again = functools.partial(self.publish_again, delivery, result, final)
+            self.awaiting_publish.add(delivery)
+            again = functools.partial(self.publish_again, delivery, result, final, target if missing else None)
             delivery.channel.connection.call_later(pause, again)
             return
         self.publish_backoff.reset()
@@ -902,14 +957,33 @@ class Worker:
         self.metrics.settled("dead_lettered" if target == self.dead_letter_queue else "retried")
         self.say(f"[!] Failed '{delivery.label}': {result.why}; {what}", result.thread)
 
-    def publish_again(self, delivery: Delivery, result: Result, final: bool) -> None:
-        """After a pause: publish a failed task's retry or dead letter again; shutting down, hand it back."""
+    def publish_again(self, delivery: Delivery, result: Result, final: bool, declare: str | None) -> None:
+        """After a pause: publish a failed task's retry or dead letter again, declaring its queue first
+        if it had gone (deleted under us)."""
+        if delivery not in self.awaiting_publish:
+            return  # handed back by a warm shutdown meanwhile
+        self.awaiting_publish.discard(delivery)
         if not delivery.channel.is_open:
             return  # its channel died: the broker has it back, and redelivers it
-        if self.stopping:
-            self.hand_back(delivery)
-        else:
-            self.retry_or_dead_letter(delivery, result, final)
+        if declare:
+            try:
+                self.declare(delivery.channel.connection, declare)
+            except pika.exceptions.ChannelClosedByBroker as error:  # say why; the publish fails again, later
+                LOGGER.warning("could not declare %s again: %s", declare, workqueue.describe(error))
+        self.retry_or_dead_letter(delivery, result, final)
+
+    def declare(self, connection: pika.BlockingConnection, name: str) -> None:
+        """Declare one of our queues (the work queue, a wait queue, the dead-letter queue) by its name."""
+        if name == self.dead_letter_queue:
+            workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)
+            return
+        delays = {workqueue.wait_queue(self.args.queue, delay): delay for delay in self.wait_delays()}
+        with workqueue.short_channel(connection) as channel:
+            if name in delays:
+                arguments = workqueue.wait_queue_arguments(self.args.queue, self.args.queue_type, delays[name])
+            else:
+                arguments = workqueue.queue_arguments(self.args.queue_type)
+            channel.queue_declare(queue=name, durable=True, arguments=arguments)
 
     # Signals: the first asks for a warm shutdown, the second quits at once.
 

@@ -131,8 +131,8 @@ def test_headers_the_broker_set_are_not_copied_onto_retries_dead_letters_or_repl
 
 
 def test_a_warm_shutdown_hands_each_held_task_back_once(env, queue, start, broker):
-    worker = start_worker(start, queue, "--prefetch", "2", "--dot-seconds", "0.1")
-    publish(env, queue, "long" + "." * 20, "held")
+    worker = start_worker(start, queue, "--prefetch", "2", "--dot-seconds", "1")
+    publish(env, queue, "long" + "." * 10, "held")  # 10 s: long enough to signal while it runs, under load too
     worker.wait_for(r"Received 'long")
     wait_for_counts(broker, queue, 0, 2)  # 'held' is at the worker, waiting for its thread
     worker.signal(signal.SIGTERM)
@@ -162,7 +162,10 @@ def test_a_refused_dead_letter_publish_backs_off_and_loses_nothing(env, queue, s
         tries = worker.count(r"could not publish to")
         assert tries <= 5, worker.output  # 0.25 + 0.5 + 1 + 2 s of pauses; a hot loop makes hundreds
         # Room again: a quorum queue lets publishes in once its length falls (a policy change alone is not enough).
-        assert [body for body, _ in get_all(broker, queue + ".dlq")] == [b"earlier"]
+        with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+            channel = connection.channel()
+            _, _, body = channel.basic_get(queue + ".dlq", auto_ack=True)  # the head only: a retry may land
+            assert body == b"earlier"
     finally:
         broker.rabbitmqctl("clear_policy", policy)
     worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; moved to ", timeout=30)
@@ -186,14 +189,18 @@ def test_a_consumer_timeout_is_named_and_leaves_nothing_held(env, queue, start, 
     worker = start_worker(start, queue, "--max-retries", "1", "--dot-seconds", "1")
     publish(env, queue, "slow......")  # 6 s: twice the timeout
     worker.wait_for(r"consumer timeout", timeout=30)
-    worker.wait_for(r"moved to|Done 'slow", timeout=60)
-    assert not re.search(r"connection lost|deleted|KeyError", worker.output), worker.output
+    worker.wait_for(r"moved to", timeout=60)  # it can never finish in time: taken back twice, then dead-lettered
+    assert not re.search(r"connection lost|deleted|KeyError|Done", worker.output), worker.output
     assert worker.proc.poll() is None
     wait_for_counts(broker, queue, 0, 0)
+    ((_, headers),) = get_all(broker, queue + ".dlq")
+    assert headers["x-error"].startswith("the broker's consumer timeout took it back 2 times"), headers
 
 
-def test_consumer_timeout_option_holds_a_long_task_on_4_3(env, queue, start, broker, consumer_timeout_3s):
-    worker = start_worker(start, queue, "--consumer-timeout", "30", "--dot-seconds", "1")
+@pytest.mark.parametrize("option", [("--consumer-timeout", "30"), ("--time-limit", "20")])
+def test_consumer_timeout_option_holds_a_long_task_on_4_3(env, queue, start, broker, consumer_timeout_3s, option):
+    """--consumer-timeout asks for x-consumer-timeout; --time-limit sets it to cover the tasks held."""
+    worker = start_worker(start, queue, *option, "--dot-seconds", "1")
     publish(env, queue, "slow......")
     if version(broker) >= (4, 3):  # x-consumer-timeout on basic.consume: the broker's setting yields to it
         worker.wait_for(r"Done 'slow\.+'", timeout=30)
@@ -224,3 +231,15 @@ def test_a_dead_letter_queue_declared_before_keeps_working_and_says_how_to_lift_
             assert "1 dead task in" in listed.stdout, listed.stdout + listed.stderr
     finally:
         broker.rabbitmqctl("clear_policy", policy[1].split()[1])
+
+
+def test_a_deleted_wait_queue_is_declared_again_and_the_retry_waits_there(env, queue, start, broker):
+    worker = start_worker(start, queue, "--max-retries", "1", "--retry-delays", "1")
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        connection.channel().queue_delete(queue + ".retry.1s")  # under the running worker
+    publish(env, queue, "error")
+    worker.wait_for(r"could not publish to \S+\.retry\.1s \(no such queue\); trying again in 0.25s")
+    worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; retry 1 of 1 in 1s")
+    worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; moved to ", timeout=30)
+    ((body, headers),) = get_all(broker, queue + ".dlq")
+    assert body == b"error" and headers["x-retries"] == 1

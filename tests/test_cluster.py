@@ -93,7 +93,7 @@ def test_tasks_held_at_a_lost_node_come_back_to_the_survivors(cluster, env):
         first.kill()
         wait_until(
             lambda: set(done_tasks(*workers)) == {"held1........", "held2........"},
-            timeout=45,  # 8 s for the first runs, 5 s until the queue takes the tasks back, 8 s to run them again
+            timeout=90,  # 8 s for the first runs, 5 s until the queue takes the tasks back, 8 s to run them again
             what="both tasks to be done on the surviving nodes",
         )
         wait_until(lambda: second.queue_counts(queue) == (0, 0), timeout=30, what=f"{queue} to be empty")
