@@ -49,6 +49,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = make_argument_parser().parse_args()
+    workqueue.setup_logging()
     if args.limit and args.action == "purge":
         raise workqueue.UsageError("purge drops every dead task: --limit does not go with it")
     dead_letter_queue = workqueue.dead_letter_queue(args.queue)
@@ -61,6 +62,7 @@ def main() -> int:
             if error.reply_code == 404:
                 raise workqueue.NoSuchQueue(f"no queue named '{dead_letter_queue}' on {workqueue.where(url)}") from None
             raise
+        workqueue.check_dead_letter_limit(connection, args.queue)
         count = min(waiting, args.limit or waiting)
         if args.action == "list":
             list_dead(channel, dead_letter_queue, count, waiting)

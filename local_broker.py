@@ -87,15 +87,22 @@ class RabbitMQ:
             raise BrokerError(f"rabbitmq-server is not installed ({RABBITMQ_BIN} is missing)")
         if self.root and not (self.root / "proc" / "self").exists():
             # Erlang reads its memory use from /proc: a root needs one (mounts do not survive a reboot).
-            subprocess.run(["mount", "-t", "proc", "proc", str(self.root / "proc")], check=True, timeout=30)
+            mounted = subprocess.run(
+                ["mount", "-t", "proc", "proc", str(self.root / "proc")], capture_output=True, text=True, check=False
+            )
+            if mounted.returncode != 0 and not (self.root / "proc" / "self").exists():  # not mounted meanwhile
+                raise BrokerError(f"cannot mount /proc in {self.root}: {mounted.stderr.strip()} (it needs root)")
 
     def version(self) -> str:
         """The installed rabbitmq-server's version, as its package says (4.3.6, say)."""
         query = ["dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"]
-        found = subprocess.run(
-            ["chroot", str(self.root), *query] if self.root else query, capture_output=True, text=True, check=False
-        )
-        return found.stdout.split("-")[0] or "unknown"
+        try:
+            found = subprocess.run(
+                ["chroot", str(self.root), *query] if self.root else query, capture_output=True, text=True, check=False
+            )
+        except OSError:  # no dpkg-query (not a Debian system), or no chroot
+            return "(version unknown)"
+        return found.stdout.split("-")[0] or "(version unknown)"
 
 
 def free_port() -> int:

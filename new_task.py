@@ -518,7 +518,7 @@ def main() -> int:
         if outbox.resent:
             print(f" [x] {outbox.resent:,} were sent again after a connection drop or a nack (possible duplicates)")
     else:
-        print(f" [x] Sent '{message}'")
+        print(f" [x] Sent '{workqueue.printable(message)}'")  # as the worker shows it: escape sequences inert
     return workqueue.EXIT_OK
 
 

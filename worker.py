@@ -636,7 +636,7 @@ class Worker:
                 taken_back = self.oldest_running(channel)
                 timeout = re.search(r"Timeout value used: (\d+) ms", error.reply_text)
                 limit = f" of {int(timeout[1]) / 1000:g}s" if timeout else ""
-                why = f"the broker's consumer timeout{limit} took back our tasks; {CONSUMER_TIMEOUT_HINT}"
+                why = f"the broker's consumer timeout{limit} took back our tasks; {self.consumer_timeout_hint()}"
                 self.leave_channel(channel, why, taken_back)
             else:
                 if self.stopping:
@@ -661,6 +661,11 @@ class Worker:
         running = [d for d in self.in_hand if d.channel is channel and d.state is TaskState.RUNNING]
         return min(running, key=lambda delivery: delivery.received, default=None)
 
+    def consumer_timeout_hint(self) -> str:
+        if self.args.consumer_timeout is not None:
+            return f"for tasks this long, raise --consumer-timeout (now {self.args.consumer_timeout:g}s; RabbitMQ 4.3)"
+        return "for tasks this long, raise the broker's consumer_timeout, or give --consumer-timeout (RabbitMQ 4.3)"
+
     def consumer_arguments(self) -> dict:
         """x-consumer-timeout (RabbitMQ 4.3; older brokers ignore it): how long the broker lets this
         consumer hold a task unacked before it takes the task back."""
@@ -673,21 +678,26 @@ class Worker:
     ) -> tuple[str, Delivery | None]:
         """The broker cancelled our consumer, and basic.cancel carries no reason: tell the usual ones
         apart. Returns what to say, and the task a consumer timeout took back (None if it was not one)."""
-        try:
-            with workqueue.short_channel(connection) as probe:
-                probe.queue_declare(queue=self.args.queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as error:
-            if error.reply_code != 404:
-                raise
-            return f"the broker cancelled our consumer: queue '{self.args.queue}' was deleted; declaring it again", None
         oldest = self.oldest_running(channel)
+        for _ in range(1 if oldest else 4):  # a queue being deleted can still answer for a moment (4.3)
+            try:
+                with workqueue.short_channel(connection) as probe:
+                    probe.queue_declare(queue=self.args.queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as error:
+                if error.reply_code != 404:
+                    raise
+                deleted = (
+                    f"the broker cancelled our consumer: queue '{self.args.queue}' was deleted; declaring it again"
+                )
+                return deleted, None
+            connection.sleep(0.25)
         held_for = time.monotonic() - oldest.received if oldest else 0.0
         known = self.args.consumer_timeout
         if oldest and (known is None or held_for >= known - 1):
             # RabbitMQ 4.3 cancels the consumer, rather than close the channel, when a task is held too long.
             why = (
                 f"the broker cancelled our consumer while it held '{oldest.label}' for {held_for:.0f}s: "
-                f"most likely a consumer timeout took it back; {CONSUMER_TIMEOUT_HINT}"
+                f"most likely a consumer timeout took it back; {self.consumer_timeout_hint()}"
             )
             return why, oldest
         return (
@@ -871,8 +881,9 @@ class Worker:
             )
         elif not channel.is_open:
             self.metrics.settled("lost")
+            gone = "channel" if channel.connection.is_open else "connection"
             self.say(
-                f"[!] Could not ack '{delivery.label}': its channel is gone; the broker redelivers it if it kept it",
+                f"[!] Could not ack '{delivery.label}': its {gone} is gone; the broker redelivers it if it kept it",
                 result.thread,
             )
         elif result.outcome is Outcome.DONE:
@@ -999,11 +1010,6 @@ class Worker:
         if not self.args.auto_ack:
             self.tasks.no_new_tasks.set()  # from now on no task starts; tick() cancels the consumer
         os.write(1, f"{self.args.name} [*] Warm shutdown: taking no new tasks\n".encode())
-
-
-CONSUMER_TIMEOUT_HINT = (
-    "for tasks this long, raise the broker's consumer_timeout, or give --consumer-timeout (RabbitMQ 4.3)"
-)
 
 
 def is_consumer_timeout(error: BaseException) -> bool:

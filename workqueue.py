@@ -376,28 +376,45 @@ def declare_dead_letter_queue(connection: pika.BlockingConnection, queue: str, q
     """Declare <queue>.dlq on a channel of its own (a refused declaration closes its channel).
 
     A dead-letter queue that an earlier version declared without x-delivery-limit keeps working,
-    with a warning: on RabbitMQ 4 it drops a dead task that was returned 20 times (listed, say)."""
+    with a warning: on RabbitMQ 4 it drops a dead task at its 21st return (a list, say)."""
     name = dead_letter_queue(queue)
     arguments = dead_letter_queue_arguments(queue_type, broker_version(connection))
+    if not declared_as_we_do(connection, name, arguments):
+        with short_channel(connection) as channel:
+            channel.queue_declare(queue=name, durable=True, arguments=queue_arguments(queue_type))
+
+
+def check_dead_letter_limit(connection: pika.BlockingConnection, queue: str) -> None:
+    """dead_letters.py: warn if <queue>.dlq, a quorum queue, has RabbitMQ 4's delivery limit."""
+    arguments = dead_letter_queue_arguments("quorum", broker_version(connection))
+    if "x-delivery-limit" in arguments:
+        declared_as_we_do(connection, dead_letter_queue(queue), arguments)
+
+
+def declared_as_we_do(connection: pika.BlockingConnection, name: str, arguments: dict) -> bool:
+    """Declare a dead-letter queue with these arguments; False, and a warning once, if it exists
+    without our x-delivery-limit (another difference, such as its type, is left to the caller)."""
     try:
         with short_channel(connection) as channel:
             channel.queue_declare(queue=name, durable=True, arguments=arguments)
+        return True
     except pika.exceptions.ChannelClosedByBroker as error:
-        if not (error.reply_code == 406 and "'x-delivery-limit'" in error.reply_text):
+        if error.reply_code != 406:
             raise
-        with short_channel(connection) as channel:
-            channel.queue_declare(queue=name, durable=True, arguments=queue_arguments(queue_type))
-        if name in _WARNED_OF_A_LIMIT:
-            return
+        if "'x-delivery-limit'" not in error.reply_text:
+            return False  # another difference (a classic dead-letter queue has no limit): the caller's to handle
+    if name not in _WARNED_OF_A_LIMIT:
         _WARNED_OF_A_LIMIT.add(name)  # once a process, not at every reconnect
         LOGGER.warning(
-            "queue '%s' has RabbitMQ 4's delivery limit (it was declared without x-delivery-limit): a dead task "
-            "returned 20 times is dropped; lift it with: rabbitmqctl set_policy %s-no-limit '^%s$' "
-            "'{\"delivery-limit\": -1}' --apply-to quorum_queues, or delete the queue when it is empty",
+            "queue '%s' was declared without x-delivery-limit, so RabbitMQ 4 drops a dead task from it at its "
+            "21st return (dead_letters.py list returns each one it shows); unless a policy lifts the limit already, "
+            "lift it with: rabbitmqctl set_policy %s-no-limit '^%s$' '{\"delivery-limit\": -1}' --apply-to "
+            "quorum_queues (or delete the queue when it is empty)",
             name,
             name,
             re.escape(name),
         )
+    return False
 
 
 def wait_queue(queue: str, delay: float) -> str:

@@ -4,19 +4,22 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import turnaround
 
 
+@pytest.mark.timeout(660)  # a whole benchmark, if small: minutes on a loaded 2-core machine
 def test_benchmark_runs_and_prints_its_table(broker):
     as_root = turnaround.can_capture()  # the bench adds its turnaround rows when it can capture packets
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--url", broker.url],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
     assert result.returncode == 0, result.stderr

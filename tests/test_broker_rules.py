@@ -217,7 +217,7 @@ def test_a_dead_letter_queue_declared_before_keeps_working_and_says_how_to_lift_
     worker = start_worker(start, queue, "--max-retries", "0")
     publish(env, queue, "error")
     worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; moved to ")
-    warning = [line for line in worker.lines if "delivery limit" in line]
+    warning = [line for line in worker.lines if "x-delivery-limit" in line]
     if version(broker) < (4, 0):
         assert warning == []  # 3.10 has no such limit
         return
@@ -225,6 +225,9 @@ def test_a_dead_letter_queue_declared_before_keeps_working_and_says_how_to_lift_
     policy = re.search(r"rabbitmqctl (set_policy \S+ '(.*?)' '(.*?)' --apply-to quorum_queues)", warning[0])
     assert policy, warning[0]
     broker.rabbitmqctl("set_policy", policy[1].split()[1], policy[2], policy[3], "--apply-to", "quorum_queues")
+    listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)
+    assert "1 dead task in" in listed.stdout and "set_policy" in listed.stderr  # it warns too, in one line
+    assert listed.stderr.count("\n") == 1, listed.stderr
     try:
         for _ in range(PAST_THE_LIMIT):  # what the warning's policy is for
             listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)

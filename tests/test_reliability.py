@@ -263,7 +263,7 @@ def test_worker_declares_a_deleted_queue_again_and_resumes(env, queue, start):
     deleted = run_script("delete_queue.py", queue, env=env)
     assert deleted.returncode == 0, deleted.stderr
 
-    worker.wait_for(rf"the broker cancelled our consumer \(was queue '{queue}' deleted\?\): declaring it again")
+    worker.wait_for(rf"the broker cancelled our consumer: queue '{queue}' was deleted; declaring it again")
     worker.wait_for(r"Waiting for messages", count=2)
     publish(env, queue, "after the delete")
     worker.wait_for(r"Done 'after the delete'")

@@ -120,6 +120,9 @@ def test_control_characters_in_a_body_are_escaped_and_long_bodies_cut(env, queue
     long_line = next(line for line in worker.output.splitlines() if "Received 'error" in line)
     assert long_line.endswith("…'") and len(long_line) < 90, long_line
 
+    sent = run_script("new_task.py", "--queue", queue, nasty, env=env)  # the producer's echo of it too
+    assert sent.returncode == 0 and sent.stdout == " [x] Sent '\\x1b[2J\\x1b]0;pwned\\x07 clear\\r\\x9b\\x7f'\n"
+
 
 # --- Options that could not hold ------------------------------------------------------------
 
