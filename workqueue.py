@@ -196,13 +196,30 @@ def plural(count: int, noun: str) -> str:
 # --- URLs and connection parameters -------------------------------------------
 
 
+# scheme://user:password@... : the password runs to the LAST "@" (a raw "@", "/", "#" or "?" in a
+# password is a mistake people make; hiding too much of a URL is better than showing part of one).
+USERINFO = r"[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:"
+
+
 def redact(url: str) -> str:
     """The URL with its password replaced by ***, safe to print or log."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return re.sub(rf"^({USERINFO}).*@", r"\1***@", url, flags=re.S)
 
 
 def redact_text(text: str) -> str:
-    return re.sub(r"(\w+://[^:/@\s]*:)[^@/\s]*@", r"\1***@", text)
+    """Every URL's password in a text replaced by *** (a URL ends at whitespace)."""
+    return re.sub(rf"({USERINFO})\S*@", r"\1***@", text)
+
+
+def password_of(url: str) -> str:
+    """The password as written in a URL ('' if none)."""
+    found = re.match(rf"{USERINFO}(.*)@", url, flags=re.S)
+    return found[1] if found else ""
+
+
+def shows_part_of(text: str, secret: str) -> bool:
+    """Whether `text` holds any two characters of `secret` in a row (decoded or not)."""
+    return any(form[i : i + 2] in text for form in {secret, unquote(secret)} for i in range(max(len(form) - 1, 0)))
 
 
 def broker_urls(cli_urls: list[str] | None) -> list[str]:
@@ -224,10 +241,17 @@ def connection_parameters(url: str) -> pika.URLParameters:
         raise UsageError(
             f"not an AMQP URL: {redact(url)} (expected amqp:// or amqps://, then user, password, host, port, vhost)"
         )
+    password = password_of(url)
+    if any(c in password for c in "/#?@"):
+        raise UsageError(
+            f"bad URL {redact(url)}: its password holds a character that a URL must percent-encode: "
+            "write / as %2F, # as %23, ? as %3F and @ as %40"
+        )
     try:
         parameters = pika.URLParameters(url)
     except Exception as error:
-        raise UsageError(f"bad URL {redact(url)}: {redact_text(str(error))}") from None
+        why = redact_text(str(error))  # pika's own text may quote a piece of the URL: never of the password
+        raise UsageError(f"bad URL {redact(url)}" + ("" if shows_part_of(why, password) else f": {why}")) from None
     if parts.scheme == "amqps" and "ssl_options" not in parse_qs(parts.query):
         context = ssl.create_default_context(cafile=os.environ.get("AMQP_CA_FILE") or None)
         parameters.ssl_options = pika.SSLOptions(context, server_hostname=parts.hostname)

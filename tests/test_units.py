@@ -285,3 +285,36 @@ def test_broker_headers_are_left_out_and_ours_kept():
 def test_the_dead_letter_queue_has_no_delivery_limit_on_rabbitmq_4(queue_type, version, limit):
     arguments = workqueue.dead_letter_queue_arguments(queue_type, version)
     assert arguments.get("x-delivery-limit") == limit and arguments["x-queue-type"] == queue_type
+
+
+PASSWORDS = ["Kx7/Qw2", "Kx7#Qw2", "Kx7?Qw2", "Kx7@Qw2", "Kx7:Qw2", "Kx7%40Qw2", "Kx7%2FQw2#Zr5"]
+
+
+def pieces(password: str) -> list[str]:
+    """The recognisable parts of a password: what must appear nowhere."""
+    return [part for part in re.split(r"%[0-9A-F]{2}|[/#?@: ]", password) if part]
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_no_form_of_a_password_is_shown(password):
+    """`/ # ? @ :` and percent-escapes in a password: neither redact() nor an error shows any of it."""
+    url = f"amqp://app:{password}@rabbit1:5672/vh"
+    shown = [
+        workqueue.redact(url),
+        workqueue.redact_text(f"cannot reach {url} today"),
+        workqueue.redact(url.replace(password, password.replace("/", " "))),  # a space, even
+    ]
+    assert shown[:2] == ["amqp://app:***@rabbit1:5672/vh", "cannot reach amqp://app:***@rabbit1:5672/vh today"]
+    for bad in (url, f"amqp://app:{password}@rabbit1:99x/vh"):  # the second: pika's error quotes the port
+        try:
+            workqueue.connection_parameters(bad)
+        except workqueue.UsageError as error:
+            shown.append(str(error))
+    for text in shown:
+        assert not any(piece in text for piece in pieces(password)), text
+
+
+def test_a_password_that_needs_escaping_is_refused_with_how():
+    with pytest.raises(workqueue.UsageError, match=r"write / as %2F, # as %23, \? as %3F and @ as %40"):
+        workqueue.connection_parameters("amqp://app:pa/ss@rabbit1/vh")
+    assert workqueue.connection_parameters("amqp://app:pa%2Fss@rabbit1/vh").credentials.password == "pa/ss"
