@@ -126,7 +126,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
         type=delays,
         default="1,10,60",
         metavar="LIST",
-        help="seconds a failed task waits before retry 1, 2, ...; the last repeats; 0 = at once",
+        help="seconds a failed task waits before retry 1, 2, ...; the last repeats; 0 = at once. Each delay has a "
+        "wait queue, <queue>.retry.<delay>s; one no longer used stays: remove it with "
+        "python delete_queue.py task_queue.retry.60s --if-empty",
     )
     parser.add_argument(
         "--time-limit",

@@ -442,8 +442,10 @@ def declared_as_we_do(connection: pika.BlockingConnection, name: str, arguments:
 
 
 def wait_queue(queue: str, delay: float) -> str:
-    """Where a failed task of `queue` waits `delay` seconds before its retry: task_queue.retry.10s."""
-    return f"{queue}.retry.{delay:g}s"
+    """Where a failed task of `queue` waits `delay` seconds before its retry: task_queue.retry.10s.
+    The name says the queue's TTL exactly (1000001 is not rounded to 1e+06): one name, one TTL."""
+    milliseconds = round(delay * 1000)  # the TTL: see wait_queue_arguments
+    return f"{queue}.retry.{milliseconds // 1000}{f'.{milliseconds % 1000:03d}'.rstrip('0').rstrip('.')}s"
 
 
 def wait_queue_arguments(queue: str, queue_type: str, delay: float) -> dict:

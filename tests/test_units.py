@@ -318,3 +318,19 @@ def test_a_password_that_needs_escaping_is_refused_with_how():
     with pytest.raises(workqueue.UsageError, match=r"write / as %2F, # as %23, \? as %3F and @ as %40"):
         workqueue.connection_parameters("amqp://app:pa/ss@rabbit1/vh")
     assert workqueue.connection_parameters("amqp://app:pa%2Fss@rabbit1/vh").credentials.password == "pa/ss"
+
+
+def test_wait_queue_names_say_their_ttl_exactly():
+    """Two delays, two queues: rounding to six digits once named 1000000 s and 1000001 s alike."""
+    names = [workqueue.wait_queue("q", delay) for delay in (1, 10, 0.5, 2.25, 1_000_000, 1_000_001)]
+    assert names == [
+        "q.retry.1s",
+        "q.retry.10s",
+        "q.retry.0.5s",
+        "q.retry.2.25s",
+        "q.retry.1000000s",
+        "q.retry.1000001s",
+    ]
+    # The name is the TTL the queue is declared with, to the millisecond.
+    assert workqueue.wait_queue("q", 0.0015) == "q.retry.0.002s"
+    assert workqueue.wait_queue_arguments("q", "quorum", 0.0015)["x-message-ttl"] == 2
