@@ -14,6 +14,7 @@ connection's thread only and read by the HTTP thread: one reference, read whole.
 
 from __future__ import annotations
 
+import socketserver
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -21,8 +22,17 @@ OUTCOMES = ("done", "retried", "dead_lettered", "lost", "timed_out")
 
 
 class QuietHandler(WSGIRequestHandler):
+    timeout = 10  # seconds a client may take to send its request: an idle or slow one is dropped then
+
     def log_message(self, *_args) -> None:  # a scrape every 15 s is not news
         pass
+
+
+class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    """Each request in a thread of its own: a client that connects and sends nothing holds one thread
+    for `QuietHandler.timeout` seconds, never the probe behind it."""
+
+    daemon_threads = True  # the worker does not wait for a scrape to exit
 
 
 class Metrics:
@@ -54,7 +64,9 @@ class Metrics:
         self.problem: str | None = "connecting to the broker"  # None: healthy
         self.metrics_app = prom.make_wsgi_app(self.registry)
         # Raises OSError when the port is taken: the caller turns it into a usage error.
-        self.server: WSGIServer = make_server(host, port, self.app, handler_class=QuietHandler)
+        self.server: WSGIServer = make_server(
+            host, port, self.app, server_class=ThreadingServer, handler_class=QuietHandler
+        )
         threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
 
     def app(self, environ, start_response):

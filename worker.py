@@ -366,9 +366,28 @@ class TaskPool:
         self.awaited: Delivery | None = None
         self.local = threading.local()  # each thread's number, and its child process
         self.wake: Callable[[Delivery], None] = lambda delivery: None  # set by the Worker
+        # --isolation process: each thread starts its child before it takes a task (see wait_ready).
+        self.starting = threading.Semaphore(0)  # released once by each thread when it is ready
+        self.threads = args.concurrency
+        self.children: list[ChildProcess] = []
         for number in range(1, args.concurrency + 1):
             # Daemon threads: a worker that exits on an error does not wait for a hung task.
             threading.Thread(target=self.serve, args=(number,), name=f"task-{number}", daemon=True).start()
+
+    def wait_ready(self) -> None:
+        """Before consuming: wait until every thread's child process (--isolation process) has started, so
+        that a task is never the first thing a child does (and a stop signalled to the group meanwhile
+        finds every child past the point where it ignores SIGINT and SIGTERM)."""
+        for _ in range(self.threads):
+            self.starting.acquire(timeout=CHILD_START_SECONDS + 5)
+
+    def kill_children(self) -> None:
+        """At exit: kill the child processes. They ignore SIGTERM (the worker decides when to stop), which
+        is all that multiprocessing's own exit handler would send them before waiting for them."""
+        for child in self.children:
+            process = child.process
+            if process is not None and process.is_alive():
+                process.kill()
 
     def submit(self, delivery: Delivery) -> None:
         self.todo.put(delivery)
@@ -398,6 +417,11 @@ class TaskPool:
         """A task thread: take a delivery, run it, report. Whatever happens becomes the task's
         result, never a dead thread."""
         self.local.number, self.local.child = number, None
+        if self.in_process:
+            self.local.child = ChildProcess(*self.child_task, shutting_down=self.no_new_tasks.is_set)
+            self.children.append(self.local.child)  # (list.append is atomic) for kill_children() at exit
+            self.local.child.start()  # if it fails, the first task tries again and fails with the reason
+        self.starting.release()
         while True:
             delivery = self.todo.get()
             with self.state_lock:
@@ -424,67 +448,95 @@ class TaskPool:
             again = f" (redelivered {delivery.returns.every} times)"
         self.console.say(f"[x] Received '{delivery.label}'{attempt}{again}", thread)
         self.metrics.task_started()
-        started = time.monotonic()
         if self.in_process:
-            self.local.child = self.local.child or ChildProcess(*self.child_task)
-            why = self.local.child.run(delivery.body, self.time_limit)
+            why, seconds = self.local.child.run(delivery.body, self.time_limit)
         else:
+            started = time.monotonic()
             try:
                 self.task(delivery.body)
                 why = None
             except BaseException as error:  # SystemExit from a task too: the task failed, the worker goes on
                 why = reason(error)
-        seconds = time.monotonic() - started
+            seconds = time.monotonic() - started
         self.metrics.task_ran(seconds)
         return Result(Outcome.FAILED if why else Outcome.DONE, why, seconds, thread)
 
 
 # Child processes start from a fresh interpreter: no threads, sockets or locks of the worker in them.
 PROCESSES = multiprocessing.get_context("spawn")
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the worker's to act on, never a child's
 
 
 class ChildProcess:
     """A child process that runs one task thread's tasks, one at a time, over a pipe.
 
     Python cannot stop a thread, but it can kill a process: at the time limit, or when a task
-    killed its own process, the child is replaced by a new one and the task counts as failed.
-    Only the task thread that made it uses it.
+    killed its own process, the child is killed and reaped, the task counts as failed, and the
+    next task starts a new child. Only the task thread that made it uses it.
     """
 
-    def __init__(self, task_spec: str | None, dot_seconds: float):
+    def __init__(self, task_spec: str | None, dot_seconds: float, shutting_down: Callable[[], bool]):
         self.task_spec, self.dot_seconds = task_spec, dot_seconds
-        self.start()
+        self.shutting_down = shutting_down  # then a child that died is not replaced
+        self.process: multiprocessing.process.BaseProcess | None = None  # started by the first task
 
-    def start(self) -> None:
+    def start(self) -> str | None:
+        """Start a child and wait until it has loaded the task (a time limit counts the task's time,
+        not the start-up's). None once it is ready, else why it could not start (it is reaped)."""
         self.pipe, child_end = PROCESSES.Pipe()
         self.process = PROCESSES.Process(
             target=child_main, args=(child_end, self.task_spec, self.dot_seconds), name="task", daemon=True
         )
-        self.process.start()
+        # The child inherits this (task) thread's signal mask: with SIGINT and SIGTERM blocked, a stop
+        # signalled to the whole group while it starts waits until child_main has chosen to ignore it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child_end.close()
-        # Wait until it has loaded the task: a time limit counts the task's time, not the start-up's.
-        if not self.pipe.poll(CHILD_START_SECONDS) or self.pipe.recv() != "ready":
-            self.process.kill()
-            raise RuntimeError(f"a child process did not start within {CHILD_START_SECONDS}s")
+        try:
+            if self.pipe.poll(CHILD_START_SECONDS) and self.pipe.recv() == "ready":
+                return None
+            why = f"did not start within {CHILD_START_SECONDS:g}s"
+        except (EOFError, OSError):  # it died while starting (an import that failed, a signal)
+            self.process.join(timeout=5)
+            why = f"died while starting: {died_how(self.process.exitcode)}"
+        self.stop()
+        return f"the child process to run it {why}"
 
-    def run(self, body: bytes, time_limit: float | None) -> str | None:
-        """Run one task in the child: None if it was done, else why it failed."""
-        if not self.process.is_alive():  # died between tasks (killed from outside): a new one
-            self.start()
+    def stop(self) -> None:
+        """Kill the child and reap it."""
+        self.process.kill()
+        self.process.join()
+        self.pipe.close()
+        self.process = None
+
+    def run(self, body: bytes, time_limit: float | None) -> tuple[str | None, float]:
+        """Run one task in the child: (None if it was done, else why it failed; seconds it ran)."""
+        if self.process is None or not self.process.is_alive():  # the first task, or after a death
+            if self.process is not None:
+                self.stop()
+            not_started = self.start()
+            if not_started:
+                return not_started, 0.0
+        started = time.monotonic()
         why = None
         try:
             self.pipe.send_bytes(body)
             if self.pipe.poll(time_limit):  # time_limit None: wait as long as it takes
-                return self.pipe.recv()  # None, or why the task failed; EOFError if the child died
+                return self.pipe.recv(), time.monotonic() - started  # None, or why; EOFError if it died
             why = f"time limit of {time_limit:g} s exceeded"
         except (EOFError, OSError):
             pass  # the child died under the task
+        seconds = time.monotonic() - started
         self.process.kill()
         self.process.join()
-        self.pipe.close()
         why = why or died_how(self.process.exitcode)
-        self.start()  # a fresh child for the next task
-        return why
+        self.stop()
+        if not self.shutting_down():
+            self.start()  # a fresh child, ready for the next task (if it fails, the next task says why)
+        return why, seconds
 
 
 def died_how(exitcode: int | None) -> str:
@@ -499,7 +551,11 @@ def died_how(exitcode: int | None) -> str:
 
 def child_main(pipe, task_spec: str | None, dot_seconds: float) -> None:
     """In a child process: run each task the worker sends; answer None, or why it failed."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the worker decides
+    # Ctrl+C reaches the whole process group, and a service manager's stop (systemd's KillMode=control-group,
+    # a container runtime) signals every process: the worker decides, and finishes the running task first.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by ChildProcess.start until now
     die_with_the_worker()
     task = load_task(task_spec) if task_spec else dot_task(dot_seconds)
     pipe.send("ready")
@@ -560,6 +616,7 @@ class Worker:
 
     def run(self) -> int:
         """Connect, consume, and reconnect after every loss, until told to stop."""
+        self.tasks.wait_ready()
         urls = workqueue.broker_urls(self.args.url)
         retry_for = self.args.connect_timeout
         backoff = workqueue.Backoff()
@@ -1095,7 +1152,10 @@ def main() -> int:
     tasks.wake = worker.wake
     signal.signal(signal.SIGINT, worker.on_signal)
     signal.signal(signal.SIGTERM, worker.on_signal)
-    return worker.run()
+    try:
+        return worker.run()
+    finally:
+        tasks.kill_children()
 
 
 if __name__ == "__main__":

@@ -101,3 +101,16 @@ def test_without_the_option_nothing_is_imported_or_served():
     code = "import sys, worker; print('prometheus_client' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_an_idle_and_a_slow_client_do_not_block_the_health_check(env, queue, start, broker):
+    """A load balancer's half-open connection, a scraper that stalls mid-request: /healthz still answers."""
+    port = free_port()
+    start_worker(start, queue, "--metrics-port", str(port))
+    with socket.create_connection(("127.0.0.1", port)) as idle, socket.create_connection(("127.0.0.1", port)) as slow:
+        slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x")  # and nothing more
+        for _ in range(3):
+            assert get(port, "/healthz") == (200, f"ok: connected and consuming from '{queue}'\n")
+            assert "workqueue_connected 1.0" in get(port, "/metrics")[1]
+        idle.settimeout(30)
+        assert idle.recv(1) == b""  # dropped by the server after its request timeout, not held forever

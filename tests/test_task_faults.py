@@ -3,6 +3,7 @@ wait, and the dead-letter queue read and replayed with dead_letters.py."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 
@@ -235,3 +236,43 @@ def test_purge_and_a_missing_queue(env, queue, start, broker):
     missing = run_script("dead_letters.py", "list", "--queue", "no_such_queue", env=env)
     assert missing.returncode == 7 and missing.stderr.count("\n") == 1
     assert "no queue named 'no_such_queue.dlq'" in missing.stderr
+
+
+# --- 4. Child processes and stops ---------------------------------------------------------------
+
+
+def test_a_stop_signalled_to_the_whole_process_group_finishes_the_running_task(env, queue, start, broker):
+    """systemd's default KillMode=control-group (and a container runtime) sends SIGTERM to every process:
+    the child running a task ignores it, and the worker's warm shutdown finishes and acks the task."""
+    worker = start_worker(start, queue, "--isolation", "process", "--dot-seconds", "1")
+    publish(env, queue, "stop...")
+    worker.wait_for(r"Received 'stop\.\.\.'")
+    os.killpg(worker.proc.pid, signal.SIGTERM)  # the worker leads its own group (conftest starts it so)
+    assert worker.wait(timeout=30) == 0, worker.output
+    assert "Done 'stop...'" in worker.output and "killed by signal" not in worker.output, worker.output
+    wait_for_counts(broker, queue, 0, 0)
+    assert ready_count(broker.url, queue + ".retry.1s") == 0 and ready_count(broker.url, queue + ".dlq") == 0
+
+
+DIES_IN_THE_CHILD = """
+import multiprocessing, os
+
+if multiprocessing.parent_process() is not None:  # in a child process: die while starting
+    os._exit(3)
+
+def work(body):
+    pass
+"""
+
+
+def test_a_child_that_dies_while_starting_fails_the_task_with_the_reason(env, queue, start, broker, tmp_path):
+    (tmp_path / "dies.py").write_text(DIES_IN_THE_CHILD)
+    worker = start_worker(
+        start, queue, "--task", "dies:work", "--isolation", "process", "--max-retries", "0", cwd=tmp_path
+    )
+    publish(env, queue, "first", "second")
+    worker.wait_for(r"Failed 'second': the child process to run it died while starting: its process exited with code 3")
+    assert "Failed 'first': the child process to run it died while starting" in worker.output
+    assert "EOFError" not in worker.output and worker.proc.poll() is None
+    wait_for_counts(broker, queue, 0, 0)
+    assert [body for body, _ in dead_letters(broker, queue)] == [b"first", b"second"]
