@@ -369,11 +369,18 @@ class Publisher:
         )
 
     def on_channel_closed(self, channel, reason):
-        """A 406 on declare (other arguments) or a 403 (permissions) is fatal; anything else: reconnect."""
+        """A 406 (other arguments on declare; a message refused after it) or a 403 (permissions) is
+        fatal; anything else: reconnect."""
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             if reason.reply_code == 406 and not self.declared:
                 self.fatal = workqueue.queue_mismatch(self.queue, reason.reply_text)
+            elif reason.reply_code == 406:  # a message the broker will never take (larger than max_message_size)
+                self.fatal = workqueue.NotConfirmed(
+                    f"the broker refused a message and closed the channel ({workqueue.describe(reason)}); "
+                    f"{workqueue.plural(self.outbox.confirmed, 'message')} confirmed before it, the rest not sent"
+                )
             self.fatal = self.fatal or workqueue.access_refused(reason, self.url)
+            self.why_closing = self.why_closing or f"the broker closed the channel ({workqueue.describe(reason)})"
         self.close()
 
     def on_queue_declared(self, _frame):

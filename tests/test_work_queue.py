@@ -471,3 +471,19 @@ def test_new_task_names_host_and_vhost_when_the_login_is_refused(env, broker):
     url = f"amqp://guest:s3cret@127.0.0.1:{broker.port}/%2F"
     result = run_script("new_task.py", "--url", url, "x", env=env, timeout=20)
     assert_one_line_error(result, 4, f"login refused by 127.0.0.1:{broker.port} vhost '/'")
+
+
+def test_a_message_the_broker_refuses_after_the_declare_is_named_and_ends_the_producer(env, queue, broker):
+    """A line longer than the broker's max_message_size: the broker closes the channel with 406."""
+    default = broker.rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).").strip()
+    broker.rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 4096).")
+    try:
+        lines = "small1\n" + "x" * 10_000 + "\nsmall2\n"
+        result = run_script("new_task.py", "--queue", queue, "--file", "-", env=env, stdin=lines, timeout=60)
+    finally:
+        size = re.search(r"\d+", default)
+        broker.rabbitmqctl("eval", f"application:set_env(rabbit, max_message_size, {size[0] if size else 134217728}).")
+    assert result.returncode == 6, result.stderr
+    assert result.stderr.count("\n") == 1 and "the broker refused a message" in result.stderr, result.stderr
+    assert re.search(r"406 PRECONDITION_FAILED.*(size|larger)", result.stderr), result.stderr
+    assert "the rest not sent" in result.stderr and result.stdout == ""
