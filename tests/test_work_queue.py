@@ -476,9 +476,9 @@ def test_new_task_names_host_and_vhost_when_the_login_is_refused(env, broker):
 def test_a_message_the_broker_refuses_after_the_declare_is_named_and_ends_the_producer(env, queue, broker):
     """A line longer than the broker's max_message_size: the broker closes the channel with 406."""
     default = broker.rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).").strip()
-    broker.rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 4096).")
+    broker.rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 4096).")  # taken by 3.10
     try:
-        lines = "small1\n" + "x" * 10_000 + "\nsmall2\n"
+        lines = "small1\n" + "x" * (16 * 1024 * 1024 + 1) + "\nsmall2\n"  # 4.x: past its 16 MiB default
         result = run_script("new_task.py", "--queue", queue, "--file", "-", env=env, stdin=lines, timeout=60)
     finally:
         size = re.search(r"\d+", default)
