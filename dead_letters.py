@@ -25,7 +25,7 @@ examples:
 """
 
 # What worker.py wrote on a task while it failed: a replayed task starts afresh (and without the broker's).
-FAILURE_HEADERS = ("x-retries", "x-error", "x-original-queue", "x-failed-at")
+FAILURE_HEADERS = ("x-retries", "x-error", "x-original-queue", "x-failed-at", "x-unfinished-runs")
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
@@ -101,8 +101,7 @@ def list_dead(channel, queue: str, count: int, waiting: int) -> None:
         if number > count:
             continue
         headers = properties.headers or {}
-        tries = headers.get("x-retries")
-        attempts = workqueue.plural(tries + 1, "attempt") if isinstance(tries, int) else "attempts unknown"
+        attempts = runs_of(headers)
         origin = headers.get("x-original-queue", "?")
         died = headers.get("x-failed-at", "at an unknown time")
         error = headers.get("x-error", "no x-error header")
@@ -113,6 +112,17 @@ def list_dead(channel, queue: str, count: int, waiting: int) -> None:
         channel.basic_nack(delivery_tag=last_tag, multiple=True, requeue=True)
     shown = f", {count:,} shown" if count < waiting else ""
     print(f" [x] {workqueue.plural(waiting, 'dead task')} in '{queue}'{shown}; none was taken")
+
+
+def runs_of(headers: dict) -> str:
+    """How often the dead task ran, from worker.py's headers: 'ran 4 times (each failed)'."""
+    failed, unfinished = headers.get("x-retries"), headers.get("x-unfinished-runs", 0)
+    if not (isinstance(failed, int) and isinstance(unfinished, int) and failed >= 0 and unfinished >= 0):
+        return "ran an unknown number of times"
+    if unfinished:  # dead-lettered unrun by a crash-loop guard: its runs were the failed and the unfinished ones
+        runs = failed + unfinished
+        return f"ran {workqueue.plural(runs, 'time')} ({failed} failed, {unfinished} ended with no result)"
+    return f"ran {workqueue.plural(failed + 1, 'time')} (each failed)"
 
 
 def replay(channel, queue: str, count: int, default_target: str) -> None:

@@ -442,7 +442,10 @@ class TaskPool:
         if self.no_new_tasks.is_set():
             return Result(Outcome.NOT_STARTED)
         thread = self.local.number
-        attempt = f" (attempt {delivery.retries + 1} of {self.max_retries + 1})" if delivery.retries else ""
+        attempt = ""
+        if delivery.retries:  # a retry: which attempt (--max-retries may have been lowered since the last one)
+            of = f"of {self.max_retries + 1}" if delivery.retries <= self.max_retries else "past --max-retries"
+            attempt = f" (attempt {delivery.retries + 1} {of})"
         again = " (redelivered)" if delivery.redelivered else ""
         if delivery.returns.every > 1:
             again = f" (redelivered {delivery.returns.every} times)"
@@ -816,7 +819,7 @@ class Worker:
         if not self.args.auto_ack and taken_back > self.args.max_retries:
             # RabbitMQ 4.3 does not count these returns: without this, it would run and be taken back forever.
             why = f"the broker's consumer timeout took it back {taken_back} times: it runs longer than that allows"
-            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True)
+            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True, unfinished=taken_back)
             return
         if not self.args.auto_ack and returns.counted > self.max_returns:
             # Its earlier deliveries ended without an ack or a failure: the process running it died
@@ -824,7 +827,7 @@ class Worker:
             # worker too: it goes to the dead-letter queue instead, and a crash loop ends here,
             # before RabbitMQ 4's delivery limit would drop it without a word.
             why = f"the worker running it died {returns.counted} times"
-            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True)
+            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True, unfinished=returns.counted)
             return
         self.in_hand.add(delivery)  # before submit(): its result may come back at once
         self.tasks.submit(delivery)
@@ -963,9 +966,12 @@ class Worker:
         delays = self.args.retry_delays
         return delays[min(retry, len(delays)) - 1]
 
-    def retry_or_dead_letter(self, delivery: Delivery, result: Result, final: bool = False) -> None:
+    def retry_or_dead_letter(
+        self, delivery: Delivery, result: Result, final: bool = False, unfinished: int = 0
+    ) -> None:
         """Publish the failed task to a wait queue (or straight back) or to the DLQ, confirmed, then ack it.
-        `final`: to the DLQ, whatever retries are left (the crash-loop guard).
+        `final`: to the DLQ, whatever retries are left (the crash-loop guards), after `unfinished` runs
+        that ended with no result (its worker died, or a consumer timeout took it back).
 
         While a retry waits, no worker holds it: it sits in a durable queue whose TTL hands it back
         to the work queue when its delay is over, through a broker restart or a killed worker."""
@@ -984,12 +990,14 @@ class Worker:
         else:
             headers.update(
                 {
-                    "x-retries": failed,
+                    "x-retries": failed,  # runs that failed before this one
                     "x-error": result.why[:200],
                     "x-original-queue": self.args.queue,
                     "x-failed-at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
             )
+            if unfinished:  # runs that ended with no result, this time not run at all (dead_letters.py counts them)
+                headers["x-unfinished-runs"] = unfinished
             target, what = self.dead_letter_queue, f"moved to {self.dead_letter_queue}"
         try:
             delivery.channel.basic_publish(
@@ -1017,7 +1025,9 @@ class Worker:
                 result.thread,
             )
             self.awaiting_publish.add(delivery)
-            again = functools.partial(self.publish_again, delivery, result, final, target if missing else None)
+            again = functools.partial(
+                self.publish_again, delivery, result, final, unfinished, target if missing else None
+            )
             delivery.channel.connection.call_later(pause, again)
             return
         self.publish_backoff.reset()
@@ -1027,7 +1037,9 @@ class Worker:
         self.metrics.settled("dead_lettered" if target == self.dead_letter_queue else "retried")
         self.say(f"[!] Failed '{delivery.label}': {result.why}; {what}", result.thread)
 
-    def publish_again(self, delivery: Delivery, result: Result, final: bool, declare: str | None) -> None:
+    def publish_again(
+        self, delivery: Delivery, result: Result, final: bool, unfinished: int, declare: str | None
+    ) -> None:
         """After a pause: publish a failed task's retry or dead letter again, declaring its queue first
         if it had gone (deleted under us)."""
         if delivery not in self.awaiting_publish:
@@ -1040,7 +1052,7 @@ class Worker:
                 self.declare(delivery.channel.connection, declare)
             except pika.exceptions.ChannelClosedByBroker as error:  # say why; the publish fails again, later
                 LOGGER.warning("could not declare %s again: %s", declare, workqueue.describe(error))
-        self.retry_or_dead_letter(delivery, result, final)
+        self.retry_or_dead_letter(delivery, result, final, unfinished)
 
     def declare(self, connection: pika.BlockingConnection, name: str) -> None:
         """Declare one of our queues (the work queue, a wait queue, the dead-letter queue) by its name."""

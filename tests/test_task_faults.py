@@ -102,6 +102,8 @@ def test_a_task_that_kills_the_worker_is_dead_lettered_after_bounded_starts(env,
     workers[-1].wait_for(r"Failed 'crash': the worker running it died 3 times; moved to ")
     assert sorted(done_tasks(*workers)) == ["ok1.", "ok2."]
     wait_for_counts(broker, queue, 0, 0)
+    listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)  # the count of what happened
+    assert "ran 3 times (0 failed, 3 ended with no result)" in listed.stdout, listed.stdout
     ((body, headers),) = dead_letters(broker, queue)
     assert body == b"crash" and headers["x-error"] == "the worker running it died 3 times"
 
@@ -173,7 +175,7 @@ def test_list_shows_every_dead_task_and_takes_none(env, queue, start, broker):
     assert re.search(r"^   1  'an error 1'$", out, re.M)
     assert "'an error \\x1b[2J 2'" in out and "\x1b" not in out
     assert out.count("TaskFailed: the task says 'error'") == 3
-    assert re.search(rf"1 attempt, from '{queue}', died \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", out)
+    assert re.search(rf"ran 1 time \(each failed\), from '{queue}', died \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", out)
     assert out.splitlines()[-1] == f" [x] 3 dead tasks in '{queue}.dlq'; none was taken"
     limited = run_script("dead_letters.py", "list", "--queue", queue, "--limit", "1", env=env)
     assert limited.stdout.count("TaskFailed") == 1
@@ -276,3 +278,21 @@ def test_a_child_that_dies_while_starting_fails_the_task_with_the_reason(env, qu
     assert "EOFError" not in worker.output and worker.proc.poll() is None
     wait_for_counts(broker, queue, 0, 0)
     assert [body for body, _ in dead_letters(broker, queue)] == [b"first", b"second"]
+
+
+def test_a_task_past_a_lowered_max_retries_runs_its_attempt(env, queue, start, broker):
+    """x-retries counts failures, and bounds only failures: a task that failed 4 times under --max-retries 5
+    and arrives at a worker with --max-retries 3 runs (once), it is not dead-lettered unrun."""
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.confirm_delivery()
+        for body in (b"fine", b"an error"):
+            channel.basic_publish("", queue, body, pika.BasicProperties(headers={"x-retries": 4}, delivery_mode=2))
+    worker = start_worker(start, queue, "--max-retries", "3")
+    worker.wait_for(r"Received 'fine' \(attempt 5 past --max-retries\)")
+    worker.wait_for(r"Done 'fine'")
+    worker.wait_for(r"Failed 'an error': TaskFailed: the task says 'error'; moved to ")
+    assert "died 0 times" not in worker.output
+    ((body, headers),) = dead_letters(broker, queue)
+    assert body == b"an error" and headers["x-retries"] == 4 and "x-unfinished-runs" not in headers
