@@ -120,6 +120,7 @@ class Lab:
     verbose: bool = False
     started: float = field(default_factory=time.monotonic)
     workers: list[Worker] = field(default_factory=list)
+    wait_queues: set[str] = field(default_factory=set)  # declared by its workers: removed with its queue
     sent: list[str] = field(default_factory=list)
     notes: list[tuple[float, str]] = field(default_factory=list)
 
@@ -132,6 +133,8 @@ class Lab:
             print(f"{self.now():6.1f}s  -- {text}", flush=True)
 
     def worker(self, name: str, *args: str, wait: bool = True) -> Worker:
+        delays = args[args.index("--retry-delays") + 1] if "--retry-delays" in args else "1,10,60"  # worker's default
+        self.wait_queues |= {workqueue.wait_queue(self.queue, float(d)) for d in delays.split(",") if float(d)}
         worker = Worker(self, name, *args)
         self.workers.append(worker)
         if wait:
@@ -182,8 +185,9 @@ class Lab:
     def delete_queues(self, *queues: str) -> None:
         with pika.BlockingConnection(workqueue.connection_parameters(self.url)) as connection:
             channel = connection.channel()
-            for queue in queues or (self.queue, workqueue.dead_letter_queue(self.queue)):
-                channel.queue_delete(queue)
+            # The experiment's queue, its dead-letter queue and the wait queues its workers declared.
+            for queue in queues or (self.queue, workqueue.dead_letter_queue(self.queue), *sorted(self.wait_queues)):
+                channel.queue_delete(queue)  # a queue that is not there: nothing to do
 
 
 # --- What happened -----------------------------------------------------------------
@@ -349,7 +353,9 @@ def manual_ack_redelivers(lab: Lab) -> tuple[Outcome, str]:
 def broker_restart(lab: Lab) -> tuple[Outcome, str]:
     """Tasks waiting in a classic queue (transient messages) and a quorum queue (persistent) over a restart."""
     if lab.node is None:
-        raise workqueue.UsageError("broker-restart restarts the broker: run it without --url (a throwaway node)")
+        raise workqueue.UsageError(
+            "broker-restart restarts the broker: run it on a throwaway node (without --url, --local or AMQP_URL)"
+        )
     classic = lab.queue + "_classic"
     tasks = [f"task{i}." for i in range(1, 7)]
     lab.send(tasks)
@@ -599,6 +605,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NEEDS_A_THROWAWAY_NODE = ("broker-restart",)
+
+
 def local_url() -> str | None:
     url = workqueue.broker_urls(None)[0]
     parts = urlsplit(url)
@@ -619,6 +628,10 @@ def main() -> int:
         )
 
     url = args.url or (local_url() if args.local else None)
+    if url and args.all:  # a broker of yours is never restarted: --all runs every other experiment
+        names = [name for name in names if name not in NEEDS_A_THROWAWAY_NODE]
+        skipped = ", ".join(NEEDS_A_THROWAWAY_NODE)
+        print(f"Skipping {skipped}: it restarts the broker, so it runs only on a throwaway node (without --url)")
     node = None
     if url is None:
         rabbitmq = local_broker.RabbitMQ()  # the system's, or $WORKQUEUE_RABBITMQ

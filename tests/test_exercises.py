@@ -141,3 +141,20 @@ def test_retry_backoff_waits_between_tries(all_experiments):
     for gap, delay in zip(map(float, waited.groups()), (0.25, 0.5, 0.5)):
         assert delay - 0.1 <= gap <= delay + 2.5
     assert queue_after(sections["retry-backoff"], ".dlq") == (1, 0)
+
+
+def test_on_a_broker_of_yours_all_skips_the_restart_and_leaves_no_queue(env, broker):
+    """--all --url runs every experiment the broker allows, says which it skipped and why, and removes
+    every queue it made: wait queues too."""
+    before = set(broker.rabbitmqctl("list_queues", "name", "--quiet", "--no-table-headers").split())
+    result = run_script("exercises.py", "--all", "--url", broker.url, "--dot-seconds", "0.05", "--quiet", env=env,
+                        timeout=400)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    assert "Skipping broker-restart: it restarts the broker" in result.stdout
+    ran = re.findall(r"^=== ([\w-]+):", result.stdout, re.M)
+    assert "broker-restart" not in ran and {"poison", "hung-task", "crash-loop", "retry-backoff"} <= set(ran)
+    after = set(broker.rabbitmqctl("list_queues", "name", "--quiet", "--no-table-headers").split())
+    assert after - before == set(), after - before  # ex_poison_*.retry.1s and the rest are gone
+    refused = run_script("exercises.py", "broker-restart", "--url", broker.url, env=env)
+    assert refused.returncode == 2 and "runs only on a throwaway node" not in refused.stderr
+    assert "run it on a throwaway node (without --url, --local or AMQP_URL)" in refused.stderr
