@@ -375,33 +375,55 @@ examples:
 """
 
 # Where a running `local_broker.py` says who it is, for `restart` and `ctl` in other terminals.
-STATE_FILE = Path(tempfile.gettempdir()) / f"workqueue-local-broker-{os.getuid()}.json"
+# It lives where only this user can write ($XDG_RUNTIME_DIR, else ~/.cache/workqueue): in a shared /tmp,
+# another user could plant a file that points `ctl` at a node and an Erlang cookie of theirs.
+STATE_NAME = "workqueue-local-broker.json"
+
+
+def state_file() -> Path:
+    """This user's state file, in a directory that is theirs alone (made so if it is new)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    folder = Path(runtime) if runtime else Path.home() / ".cache" / "workqueue"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise BrokerError(f"{folder} is not this user's alone (owner or mode): local_broker.py keeps no state there")
+    return folder / STATE_NAME
 
 
 def write_state(state: dict) -> None:
-    partial = STATE_FILE.with_suffix(".tmp")
+    target = state_file()
+    partial = target.with_suffix(".tmp")
     partial.write_text(json.dumps(state))
-    partial.replace(STATE_FILE)  # readers never see half a file
+    partial.replace(target)  # readers never see half a file
 
 
 def read_state() -> dict:
     """What a local_broker.py wrote ({} if nothing, or not JSON)."""
     try:
-        return json.loads(STATE_FILE.read_text())
+        return json.loads(state_file().read_text())
     except (OSError, ValueError):
         return {}
+
+
+def is_local_broker(pid: object) -> bool:
+    """Whether `pid` is a local_broker.py of this user's still (after a kill -9 the PID can be reused)."""
+    try:
+        command = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+        owner = Path(f"/proc/{int(pid)}").stat().st_uid
+    except (OSError, ValueError, TypeError):
+        return False
+    return owner == os.getuid() and any(part.endswith(b"local_broker.py") for part in command)
 
 
 def running_state() -> dict:
     """What the running local_broker.py wrote, if it still runs; else a one-line error."""
     state = read_state()
-    try:
-        os.kill(state["pid"], 0)
+    if is_local_broker(state.get("pid")):
         return state
-    except (OSError, KeyError, TypeError):
-        raise workqueue.BrokerUnreachable(
-            "no local_broker.py is running; start one in another terminal with: python local_broker.py"
-        ) from None
+    raise workqueue.BrokerUnreachable(
+        "no local_broker.py is running; start one in another terminal with: python local_broker.py"
+    )
 
 
 def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
@@ -429,7 +451,7 @@ def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
             print("Ready again, at the same URL", file=sys.stderr, flush=True)
     finally:
         if read_state().get("pid") == os.getpid():  # not another local_broker.py's, started since
-            STATE_FILE.unlink(missing_ok=True)
+            state_file().unlink(missing_ok=True)
 
 
 def restart(timeout: float = 300) -> int:

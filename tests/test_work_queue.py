@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import re
@@ -286,7 +287,7 @@ def test_giving_up_while_a_pipe_is_still_open_is_one_line_and_exit_3(env, start)
 
 def test_local_broker_restarts_its_node_and_keeps_durable_tasks(env, start, tmp_path):
     """The README's restart experiment on a throwaway node: `local_broker.py restart` from another terminal."""
-    own = {**env, "TMPDIR": str(tmp_path)}  # its own state file: a local_broker.py of the user's is left alone
+    own = {**env, "XDG_RUNTIME_DIR": str(tmp_path)}  # its own state file: a local_broker.py of yours is left alone
     owner = start("local_broker.py", env=own)
     try:
         owner.wait_for(r"^Ready: export AMQP_URL=", timeout=120)
@@ -487,3 +488,25 @@ def test_a_message_the_broker_refuses_after_the_declare_is_named_and_ends_the_pr
     assert result.stderr.count("\n") == 1 and "the broker refused a message" in result.stderr, result.stderr
     assert re.search(r"406 PRECONDITION_FAILED.*(size|larger)", result.stderr), result.stderr
     assert "the rest not sent" in result.stderr and result.stdout == ""
+
+
+def test_local_broker_trusts_no_stale_state(env, tmp_path):
+    """After a kill -9 the state file stays, and its PID may be another process's by now: never signal it."""
+    own = {**env, "XDG_RUNTIME_DIR": str(tmp_path)}
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "workqueue-local-broker.json").write_text(
+            json.dumps({"pid": bystander.pid, "urls": "amqp://x", "restarts": 0, "nodes": [{"nodename": "evil@x"}]})
+        )
+        for command in (("restart",), ("ctl", "status")):
+            result = run_script("local_broker.py", *command, env=own)
+            assert result.returncode == 3 and "no local_broker.py is running" in result.stderr, result.stderr
+        assert bystander.poll() is None  # not sent SIGHUP
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o777)  # a directory others can write to: no state is kept or read there
+        result = run_script("local_broker.py", "restart", env={**env, "XDG_RUNTIME_DIR": str(shared)})
+        assert result.returncode == 1 and "is not this user's alone" in result.stderr, result.stderr
+    finally:
+        bystander.kill()
+        bystander.wait()
