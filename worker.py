@@ -624,11 +624,11 @@ class Worker:
         retry_for = self.args.connect_timeout
         backoff = workqueue.Backoff()
         while not self.stopping:
-            if retry_for is None:
-                self.metrics.reconnected()
             connected = workqueue.connect(urls, retry_for, should_stop=lambda: self.stopping)
             if connected is None:
                 break
+            if retry_for is None:  # a connection opened again after a loss (a try that a stop cut short is none)
+                self.metrics.reconnected()
             connection, url = connected
             retry_for = None  # once connected, a later loss is retried until we are stopped
             opened = time.monotonic()
@@ -687,8 +687,8 @@ class Worker:
                 auto_ack=self.args.auto_ack,
                 arguments=self.consumer_arguments(),
             )
+            self.metrics.consuming()  # before the line: a probe that reads it finds the worker healthy
             self.say("[*] Waiting for messages. To exit press CTRL+C")
-            self.metrics.consuming()
             try:
                 channel.start_consuming()  # until our consumer is cancelled, by us or by the broker
             except pika.exceptions.ChannelClosedByBroker as error:
@@ -925,6 +925,8 @@ class Worker:
         self.act_on_stop()  # before an ack: the broker would send the next task at once
         self.in_hand.discard(delivery)
         channel = delivery.channel  # its own channel, never another: delivery tags are per channel
+        if result.why and result.why.startswith("time limit of"):
+            self.metrics.settled("timed_out")  # counted once, whatever becomes of the task
         if result.outcome is Outcome.NOT_STARTED:
             self.hand_back(delivery)
         elif self.args.auto_ack:
@@ -949,7 +951,13 @@ class Worker:
                 result.thread,
             )
         elif result.outcome is Outcome.DONE:
-            channel.basic_ack(delivery.delivery_tag)
+            try:
+                channel.basic_ack(delivery.delivery_tag)
+            except pika.exceptions.AMQPError:  # the connection died just now: say so, then reconnect
+                self.metrics.settled("lost")
+                self.say(f"[!] Could not ack '{delivery.label}': its connection is gone; the broker redelivers it",
+                         result.thread)  # fmt: skip
+                raise
             self.metrics.settled("done")
             self.say(f"[x] Done '{delivery.label}' in {result.seconds:.1f}s", result.thread)
         else:
@@ -1030,10 +1038,13 @@ class Worker:
             )
             delivery.channel.connection.call_later(pause, again)
             return
+        except pika.exceptions.AMQPError:  # the connection died just now: say so, then reconnect
+            self.metrics.settled("lost")
+            self.say(f"[!] Failed '{delivery.label}': {result.why}; could not record it, its connection is gone; "
+                     "the broker redelivers it", result.thread)  # fmt: skip
+            raise
         self.publish_backoff.reset()
         delivery.channel.basic_ack(delivery.delivery_tag)
-        if result.why.startswith("time limit of"):
-            self.metrics.settled("timed_out")
         self.metrics.settled("dead_lettered" if target == self.dead_letter_queue else "retried")
         self.say(f"[!] Failed '{delivery.label}': {result.why}; {what}", result.thread)
 
