@@ -115,14 +115,14 @@ def list_dead(channel, queue: str, count: int, waiting: int) -> None:
 
 
 def runs_of(headers: dict) -> str:
-    """How often the dead task ran, from worker.py's headers: 'ran 4 times (each failed)'."""
+    """What became of the dead task's tries, from worker.py's headers: '4 failed runs'."""
     failed, unfinished = headers.get("x-retries"), headers.get("x-unfinished-runs", 0)
     if not (isinstance(failed, int) and isinstance(unfinished, int) and failed >= 0 and unfinished >= 0):
-        return "ran an unknown number of times"
-    if unfinished:  # dead-lettered unrun by a crash-loop guard: its runs were the failed and the unfinished ones
-        runs = failed + unfinished
-        return f"ran {workqueue.plural(runs, 'time')} ({failed} failed, {unfinished} ended with no result)"
-    return f"ran {workqueue.plural(failed + 1, 'time')} (each failed)"
+        return "runs unknown"
+    if unfinished:  # dead-lettered unrun by a crash-loop guard
+        came_back = f"came back {workqueue.plural(unfinished, 'time')} without an ack"
+        return f"{workqueue.plural(failed, 'failed run')}, then {came_back}"
+    return workqueue.plural(failed + 1, "failed run")
 
 
 def replay(channel, queue: str, count: int, default_target: str) -> None:

@@ -631,7 +631,8 @@ def main() -> int:
     if url and args.all:  # a broker of yours is never restarted: --all runs every other experiment
         names = [name for name in names if name not in NEEDS_A_THROWAWAY_NODE]
         skipped = ", ".join(NEEDS_A_THROWAWAY_NODE)
-        print(f"Skipping {skipped}: it restarts the broker, so it runs only on a throwaway node (without --url)")
+        only = "so it runs only on a throwaway node (without --url or --local)"
+        print(f"Skipping {skipped}: it restarts the broker, {only}")
     node = None
     if url is None:
         rabbitmq = local_broker.RabbitMQ()  # the system's, or $WORKQUEUE_RABBITMQ

@@ -20,6 +20,7 @@ sets the default for every script and test that starts a node.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -381,45 +382,62 @@ STATE_NAME = "workqueue-local-broker.json"
 
 
 def state_file() -> Path:
-    """This user's state file, in a directory that is theirs alone (made so if it is new)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    folder = Path(runtime) if runtime else Path.home() / ".cache" / "workqueue"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise BrokerError(f"{folder} is not this user's alone (owner or mode): local_broker.py keeps no state there")
-    return folder / STATE_NAME
+    """This user's state file, in a directory that is theirs alone: $XDG_RUNTIME_DIR if it is, else
+    ~/.cache/workqueue (made so if new). A directory others could write to is never used."""
+    candidates = [os.environ.get("XDG_RUNTIME_DIR"), os.path.join(os.path.expanduser("~"), ".cache", "workqueue")]
+    for folder in (Path(c) for c in candidates if c and os.path.isabs(c)):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = folder.stat()
+        except OSError:
+            continue
+        if info.st_uid == os.getuid() and not info.st_mode & 0o022:
+            return folder / STATE_NAME
+    raise BrokerError("found no directory of this user's alone for local_broker.py's state (XDG_RUNTIME_DIR, ~/.cache)")
 
 
 def write_state(state: dict) -> None:
-    target = state_file()
-    partial = target.with_suffix(".tmp")
-    partial.write_text(json.dumps(state))
-    partial.replace(target)  # readers never see half a file
+    """Note the running node(s) for `restart` and `ctl`; if that cannot be, say so: the node runs on."""
+    try:
+        target = state_file()
+        partial = target.with_suffix(".tmp")
+        partial.write_text(json.dumps(state))
+        partial.replace(target)  # readers never see half a file
+    except (OSError, BrokerError) as error:
+        print(f"local_broker.py: `restart` and `ctl` will not find this node: {error}", file=sys.stderr, flush=True)
 
 
 def read_state() -> dict:
     """What a local_broker.py wrote ({} if nothing, or not JSON)."""
     try:
         return json.loads(state_file().read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, BrokerError):
         return {}
 
 
-def is_local_broker(pid: object) -> bool:
-    """Whether `pid` is a local_broker.py of this user's still (after a kill -9 the PID can be reused)."""
+def process_started(pid: object) -> str | None:
+    """When a process started (its start time in /proc, in clock ticks): a PID reused later differs."""
     try:
-        command = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+
+
+def is_local_broker(state: dict) -> bool:
+    """Whether the state's process is still the local_broker.py that wrote it (after a kill -9 the PID
+    can be another process's): same PID, same start time, this user's."""
+    pid = state.get("pid")
+    try:
         owner = Path(f"/proc/{int(pid)}").stat().st_uid
     except (OSError, ValueError, TypeError):
         return False
-    return owner == os.getuid() and any(part.endswith(b"local_broker.py") for part in command)
+    return owner == os.getuid() and process_started(pid) is not None and process_started(pid) == state.get("started")
 
 
 def running_state() -> dict:
     """What the running local_broker.py wrote, if it still runs; else a one-line error."""
     state = read_state()
-    if is_local_broker(state.get("pid")):
+    if is_local_broker(state):
         return state
     raise workqueue.BrokerUnreachable(
         "no local_broker.py is running; start one in another terminal with: python local_broker.py"
@@ -431,6 +449,7 @@ def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
     nodes = broker.nodes if isinstance(broker, BrokerCluster) else [broker]
     state = {
         "pid": os.getpid(),
+        "started": process_started(os.getpid()),
         "urls": urls,
         "restarts": 0,
         "nodes": [
@@ -451,7 +470,8 @@ def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
             print("Ready again, at the same URL", file=sys.stderr, flush=True)
     finally:
         if read_state().get("pid") == os.getpid():  # not another local_broker.py's, started since
-            state_file().unlink(missing_ok=True)
+            with contextlib.suppress(OSError, BrokerError):
+                state_file().unlink(missing_ok=True)
 
 
 def restart(timeout: float = 300) -> int:

@@ -15,6 +15,7 @@ connection's thread only and read by the HTTP thread: one reference, read whole.
 from __future__ import annotations
 
 import socketserver
+import sys
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -22,7 +23,7 @@ OUTCOMES = ("done", "retried", "dead_lettered", "lost", "timed_out")
 
 
 class QuietHandler(WSGIRequestHandler):
-    timeout = 10  # seconds a client may take to send its request: an idle or slow one is dropped then
+    timeout = 10  # seconds each read of a request may wait: an idle or stalled client is dropped then
 
     def log_message(self, *_args) -> None:  # a scrape every 15 s is not news
         pass
@@ -33,6 +34,11 @@ class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     for `QuietHandler.timeout` seconds, never the probe behind it."""
 
     daemon_threads = True  # the worker does not wait for a scrape to exit
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went quiet (the timeout) or away: drop it, without a traceback on stderr."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class Metrics:

@@ -377,7 +377,8 @@ class Publisher:
             elif reason.reply_code == 406:  # a message the broker will never take (larger than max_message_size)
                 self.fatal = workqueue.NotConfirmed(
                     f"the broker refused a message and closed the channel ({workqueue.describe(reason)}); "
-                    f"{workqueue.plural(self.outbox.confirmed, 'message')} confirmed before it, the rest not sent"
+                    f"{workqueue.plural(self.outbox.confirmed, 'message')} confirmed before it, the rest not confirmed "
+                    "(a line longer than the broker's max_message_size?)"
                 )
             self.fatal = self.fatal or workqueue.access_refused(reason, self.url)
             self.why_closing = self.why_closing or f"the broker closed the channel ({workqueue.describe(reason)})"

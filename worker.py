@@ -370,6 +370,7 @@ class TaskPool:
         self.starting = threading.Semaphore(0)  # released once by each thread when it is ready
         self.threads = args.concurrency
         self.children: list[ChildProcess] = []
+        self.closing = threading.Event()  # set at exit: no child is started any more
         for number in range(1, args.concurrency + 1):
             # Daemon threads: a worker that exits on an error does not wait for a hung task.
             threading.Thread(target=self.serve, args=(number,), name=f"task-{number}", daemon=True).start()
@@ -382,12 +383,16 @@ class TaskPool:
             self.starting.acquire(timeout=CHILD_START_SECONDS + 5)
 
     def kill_children(self) -> None:
-        """At exit: kill the child processes. They ignore SIGTERM (the worker decides when to stop), which
-        is all that multiprocessing's own exit handler would send them before waiting for them."""
-        for child in self.children:
-            process = child.process
-            if process is not None and process.is_alive():
-                process.kill()
+        """At exit: kill the child processes, and start no new one. They do not stop on SIGTERM (the worker
+        decides when to stop), which is all that multiprocessing's own exit handler would send them."""
+        self.closing.set()
+        for _ in range(2):  # twice: a task thread may have been starting a child as we began
+            for child in self.children:
+                process = child.process
+                if process is not None and process.is_alive():
+                    process.kill()
+                    process.join(timeout=5)
+            time.sleep(0.05)
 
     def submit(self, delivery: Delivery) -> None:
         self.todo.put(delivery)
@@ -417,11 +422,13 @@ class TaskPool:
         """A task thread: take a delivery, run it, report. Whatever happens becomes the task's
         result, never a dead thread."""
         self.local.number, self.local.child = number, None
-        if self.in_process:
-            self.local.child = ChildProcess(*self.child_task, shutting_down=self.no_new_tasks.is_set)
-            self.children.append(self.local.child)  # (list.append is atomic) for kill_children() at exit
-            self.local.child.start()  # if it fails, the first task tries again and fails with the reason
-        self.starting.release()
+        try:
+            if self.in_process:
+                self.local.child = ChildProcess(*self.child_task)
+                self.children.append(self.local.child)  # (list.append is atomic) for kill_children() at exit
+                self.local.child.start()  # if it fails, the first task tries again and fails with the reason
+        finally:
+            self.starting.release()
         while True:
             delivery = self.todo.get()
             with self.state_lock:
@@ -437,6 +444,9 @@ class TaskPool:
                 awaited = self.awaited is delivery
             if not awaited:  # the connection's thread is not waiting for this one: wake it
                 self.wake(delivery)
+            child = self.local.child
+            if child and child.process is None and not (self.no_new_tasks.is_set() or self.closing.is_set()):
+                child.start()  # after a kill: a fresh child for the next task, once this result is out
 
     def run(self, delivery: Delivery) -> Result:
         if self.no_new_tasks.is_set():
@@ -452,7 +462,10 @@ class TaskPool:
         self.console.say(f"[x] Received '{delivery.label}'{attempt}{again}", thread)
         self.metrics.task_started()
         if self.in_process:
-            why, seconds = self.local.child.run(delivery.body, self.time_limit)
+            try:
+                why, seconds = self.local.child.run(delivery.body, self.time_limit)
+            except Exception as error:  # around the child (a pipe error we did not foresee): the task failed
+                why, seconds = reason(error), 0.0
         else:
             started = time.monotonic()
             try:
@@ -478,9 +491,8 @@ class ChildProcess:
     next task starts a new child. Only the task thread that made it uses it.
     """
 
-    def __init__(self, task_spec: str | None, dot_seconds: float, shutting_down: Callable[[], bool]):
+    def __init__(self, task_spec: str | None, dot_seconds: float):
         self.task_spec, self.dot_seconds = task_spec, dot_seconds
-        self.shutting_down = shutting_down  # then a child that died is not replaced
         self.process: multiprocessing.process.BaseProcess | None = None  # started by the first task
 
     def start(self) -> str | None:
@@ -490,13 +502,13 @@ class ChildProcess:
         self.process = PROCESSES.Process(
             target=child_main, args=(child_end, self.task_spec, self.dot_seconds), name="task", daemon=True
         )
-        # The child inherits this (task) thread's signal mask: with SIGINT and SIGTERM blocked, a stop
-        # signalled to the whole group while it starts waits until child_main has chosen to ignore it.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self.process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        except OSError as error:  # no memory, no process slot left
+            child_end.close()
+            self.pipe.close()
+            self.process = None
+            return f"the child process to run it could not start: {error}"
         child_end.close()
         try:
             if self.pipe.poll(CHILD_START_SECONDS) and self.pipe.recv() == "ready":
@@ -536,9 +548,7 @@ class ChildProcess:
         self.process.kill()
         self.process.join()
         why = why or died_how(self.process.exitcode)
-        self.stop()
-        if not self.shutting_down():
-            self.start()  # a fresh child, ready for the next task (if it fails, the next task says why)
+        self.stop()  # TaskPool.serve starts the next one once this result is out
         return why, seconds
 
 
@@ -556,9 +566,8 @@ def child_main(pipe, task_spec: str | None, dot_seconds: float) -> None:
     """In a child process: run each task the worker sends; answer None, or why it failed."""
     # Ctrl+C reaches the whole process group, and a service manager's stop (systemd's KillMode=control-group,
     # a container runtime) signals every process: the worker decides, and finishes the running task first.
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by ChildProcess.start until now
+    for signum in STOP_SIGNALS:  # a handler that does nothing, not SIG_IGN: a program the task starts gets
+        signal.signal(signum, lambda *_: None)  # the default action back, and stops when told to
     die_with_the_worker()
     task = load_task(task_spec) if task_spec else dot_task(dot_seconds)
     pipe.send("ready")
@@ -826,7 +835,10 @@ class Worker:
             # (out of memory, a segfault) or lost its connection. Another start could kill this
             # worker too: it goes to the dead-letter queue instead, and a crash loop ends here,
             # before RabbitMQ 4's delivery limit would drop it without a word.
-            why = f"the worker running it died {returns.counted} times"
+            why = (
+                f"it came back {returns.counted} times without an ack "
+                "(a worker died with it, lost its connection or gave it back)"
+            )
             self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True, unfinished=returns.counted)
             return
         self.in_hand.add(delivery)  # before submit(): its result may come back at once
@@ -1044,7 +1056,13 @@ class Worker:
                      "the broker redelivers it", result.thread)  # fmt: skip
             raise
         self.publish_backoff.reset()
-        delivery.channel.basic_ack(delivery.delivery_tag)
+        try:
+            delivery.channel.basic_ack(delivery.delivery_tag)
+        except pika.exceptions.AMQPError:  # recorded, but the ack died with the connection: it runs again too
+            self.metrics.settled("lost")
+            self.say(f"[!] Failed '{delivery.label}': {result.why}; published to {target}, but the ack was lost "
+                     "with its connection: the broker redelivers it too", result.thread)  # fmt: skip
+            raise
         self.metrics.settled("dead_lettered" if target == self.dead_letter_queue else "retried")
         self.say(f"[!] Failed '{delivery.label}': {result.why}; {what}", result.thread)
 

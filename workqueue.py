@@ -203,6 +203,8 @@ USERINFO = r"[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:"
 
 def redact(url: str) -> str:
     """The URL with its password replaced by ***, safe to print or log."""
+    if not password_of(url):
+        return url
     return re.sub(rf"^({USERINFO}).*@", r"\1***@", url, flags=re.S)
 
 
@@ -212,14 +214,19 @@ def redact_text(text: str) -> str:
 
 
 def password_of(url: str) -> str:
-    """The password as written in a URL ('' if none)."""
+    """The password as written in a URL ('' if none: host:port/vhost@... has an "@" but no password)."""
     found = re.match(rf"{USERINFO}(.*)@", url, flags=re.S)
-    return found[1] if found else ""
+    if not found or re.match(r"\d*(/|$)", found[1]):  # a port, then the path: no user information at all
+        return ""
+    return found[1]
 
 
 def shows_part_of(text: str, secret: str) -> bool:
-    """Whether `text` holds any two characters of `secret` in a row (decoded or not)."""
-    return any(form[i : i + 2] in text for form in {secret, unquote(secret)} for i in range(max(len(form) - 1, 0)))
+    """Whether `text` holds the secret, or any four characters of it in a row (decoded or not)."""
+    forms = {secret, unquote(secret)} - {""}
+    return any(form in text for form in forms) or any(
+        form[i : i + 4] in text for form in forms for i in range(len(form) - 3)
+    )
 
 
 def broker_urls(cli_urls: list[str] | None) -> list[str]:
@@ -244,8 +251,8 @@ def connection_parameters(url: str) -> pika.URLParameters:
     password = password_of(url)
     if any(c in password for c in "/#?@"):
         raise UsageError(
-            f"bad URL {redact(url)}: its password holds a character that a URL must percent-encode: "
-            "write / as %2F, # as %23, ? as %3F and @ as %40"
+            f"bad URL {redact(url)}: a '/', '#', '?' or '@' comes before its last '@'; if the password holds "
+            "one, percent-encode it: write / as %2F, # as %23, ? as %3F and @ as %40"
         )
     try:
         parameters = pika.URLParameters(url)

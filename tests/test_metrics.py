@@ -80,7 +80,7 @@ def test_healthz_follows_the_broker_down_and_back(env, queue, start, running_bro
 
     running_broker.start()
     wait_until(lambda: get(port, "/healthz")[0] == 200, timeout=90, what="/healthz to answer 200 again")
-    assert sample(get(port, "/metrics")[1], "workqueue_reconnects_total") == 1
+    assert sample(get(port, "/metrics")[1], "workqueue_reconnects_total") >= 1
     publish(env, queue, "after")
     worker.wait_for(r"Done 'after'")
     wait_for_counts(running_broker, queue, 0, 0)
@@ -113,7 +113,7 @@ def test_without_the_option_nothing_is_imported_or_served():
 def test_an_idle_and_a_slow_client_do_not_block_the_health_check(env, queue, start, broker):
     """A load balancer's half-open connection, a scraper that stalls mid-request: /healthz still answers."""
     port = free_port()
-    start_worker(start, queue, "--metrics-port", str(port))
+    worker = start_worker(start, queue, "--metrics-port", str(port))
     with socket.create_connection(("127.0.0.1", port)) as idle, socket.create_connection(("127.0.0.1", port)) as slow:
         slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x")  # and nothing more
         for _ in range(3):
@@ -121,3 +121,4 @@ def test_an_idle_and_a_slow_client_do_not_block_the_health_check(env, queue, sta
             assert "workqueue_connected 1.0" in get(port, "/metrics")[1]
         idle.settimeout(30)
         assert idle.recv(1) == b""  # dropped by the server after its request timeout, not held forever
+    assert "Traceback" not in worker.output and "TimeoutError" not in worker.output, worker.output

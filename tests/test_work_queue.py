@@ -482,31 +482,36 @@ def test_a_message_the_broker_refuses_after_the_declare_is_named_and_ends_the_pr
         lines = "small1\n" + "x" * (16 * 1024 * 1024 + 1) + "\nsmall2\n"  # 4.x: past its 16 MiB default
         result = run_script("new_task.py", "--queue", queue, "--file", "-", env=env, stdin=lines, timeout=60)
     finally:
-        size = re.search(r"\d+", default)
-        broker.rabbitmqctl("eval", f"application:set_env(rabbit, max_message_size, {size[0] if size else 134217728}).")
+        size = re.search(r"\d+", default)  # {ok, N}; or undefined, which is to be left unset
+        restore = f"set_env(rabbit, max_message_size, {size[0]})" if size else "unset_env(rabbit, max_message_size)"
+        broker.rabbitmqctl("eval", f"application:{restore}.")
     assert result.returncode == 6, result.stderr
     assert result.stderr.count("\n") == 1 and "the broker refused a message" in result.stderr, result.stderr
     assert re.search(r"406 PRECONDITION_FAILED.*(size|larger)", result.stderr), result.stderr
-    assert "the rest not sent" in result.stderr and result.stdout == ""
+    assert "the rest not confirmed" in result.stderr and result.stdout == ""
 
 
 def test_local_broker_trusts_no_stale_state(env, tmp_path):
     """After a kill -9 the state file stays, and its PID may be another process's by now: never signal it."""
-    own = {**env, "XDG_RUNTIME_DIR": str(tmp_path)}
+    own = {**env, "XDG_RUNTIME_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
     bystander = subprocess.Popen(["sleep", "60"])
     try:
-        (tmp_path / "workqueue-local-broker.json").write_text(
-            json.dumps({"pid": bystander.pid, "urls": "amqp://x", "restarts": 0, "nodes": [{"nodename": "evil@x"}]})
-        )
+        stale = json.dumps({"pid": bystander.pid, "urls": "amqp://x", "restarts": 0, "nodes": [{"nodename": "e@x"}]})
+        (tmp_path / "workqueue-local-broker.json").write_text(stale)
+        (tmp_path / f"workqueue-local-broker-{os.getuid()}.json").write_text(stale)  # where older versions looked
         for command in (("restart",), ("ctl", "status")):
             result = run_script("local_broker.py", *command, env=own)
             assert result.returncode == 3 and "no local_broker.py is running" in result.stderr, result.stderr
         assert bystander.poll() is None  # not sent SIGHUP
         shared = tmp_path / "shared"
-        shared.mkdir(mode=0o777)
-        shared.chmod(0o777)  # a directory others can write to: no state is kept or read there
-        result = run_script("local_broker.py", "restart", env={**env, "XDG_RUNTIME_DIR": str(shared)})
-        assert result.returncode == 1 and "is not this user's alone" in result.stderr, result.stderr
+        shared.mkdir()
+        shared.chmod(0o777)  # a directory others can write to: a state file planted there is not read
+        (shared / "workqueue-local-broker.json").write_text((tmp_path / "workqueue-local-broker.json").read_text())
+        own_home = tmp_path / "home"  # where it looks instead (~/.cache/workqueue): nothing there
+        result = run_script(
+            "local_broker.py", "restart", env={**env, "XDG_RUNTIME_DIR": str(shared), "HOME": str(own_home)}
+        )
+        assert result.returncode == 3 and "no local_broker.py is running" in result.stderr, result.stderr
     finally:
         bystander.kill()
         bystander.wait()
