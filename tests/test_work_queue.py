@@ -298,8 +298,13 @@ def test_local_broker_restarts_its_node_and_keeps_durable_tasks(env, start, tmp_
         assert restarted.returncode == 0, restarted.stderr
         assert "Restarted the local broker" in restarted.stdout
         owner.wait_for(r"^Ready again", timeout=10)
-        listed = run_script("local_broker.py", "ctl", "list_queues", "name", "messages", "--no-table-headers", env=own)
-        assert re.search(r"^task_queue\s+1$", listed.stdout, re.MULTILINE), listed.stdout + listed.stderr
+        listing = ("local_broker.py", "ctl", "list_queues", "name", "messages", "--no-table-headers")
+        # A quorum queue's count reads 0 until its member has recovered its log after the restart: poll.
+        wait_until(
+            lambda: re.search(r"^task_queue\s+1$", run_script(*listing, env=own).stdout, re.MULTILINE),
+            timeout=60,
+            what="`ctl list_queues` to show the task kept over the restart",
+        )
     finally:  # Ctrl+C, as a user stops it: it stops and removes its node (a kill would leave the node running)
         owner.signal(signal.SIGINT)
         assert owner.wait(timeout=60) == 0, owner.output
