@@ -204,7 +204,8 @@ USERINFO = r"[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:"
 def redact(url: str) -> str:
     """The URL with its password replaced by ***, safe to print or log."""
     if not password_of(url):
-        return url
+        # No "@": scheme://user:x/... is a host and port, unless x is no port (then: a password cut short).
+        return re.sub(rf"^({USERINFO})(?!\d*(/|$))[^/]*", r"\1***", url)
     return re.sub(rf"^({USERINFO}).*@", r"\1***@", url, flags=re.S)
 
 
@@ -234,6 +235,11 @@ def broker_urls(cli_urls: list[str] | None) -> list[str]:
     if cli_urls:
         return cli_urls
     from_env = [u.strip() for u in os.environ.get("AMQP_URL", "").split(",") if u.strip()]
+    if any(not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url) for url in from_env):  # echo none of it: a password?
+        raise UsageError(
+            "AMQP_URL holds something that is not a URL after a comma (commas separate the URLs of a cluster); "
+            "if a password holds a comma, write it as %2C"
+        )
     return from_env or [DEFAULT_URL]
 
 

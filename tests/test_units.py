@@ -334,3 +334,15 @@ def test_wait_queue_names_say_their_ttl_exactly():
     # The name is the TTL the queue is declared with, to the millisecond.
     assert workqueue.wait_queue("q", 0.0015) == "q.retry.0.002s"
     assert workqueue.wait_queue_arguments("q", "quorum", 0.0015)["x-message-ttl"] == 2
+
+
+def test_a_comma_in_a_password_in_amqp_url_shows_none_of_it(monkeypatch):
+    """AMQP_URL separates a cluster's URLs with commas: a password's comma cuts it in two pieces."""
+    monkeypatch.setenv("AMQP_URL", "amqp://guest:Secr3t,xyz9@127.0.0.1:5672/%2F")
+    with pytest.raises(workqueue.UsageError, match="write it as %2C") as refused:
+        workqueue.broker_urls(None)
+    assert "Secr3t" not in str(refused.value) and "xyz9" not in str(refused.value)
+    assert workqueue.redact("amqp://guest:Secr3t") == "amqp://guest:***"  # the first piece, on its own
+    assert workqueue.redact("amqp://rabbit1:5672/%2F") == "amqp://rabbit1:5672/%2F"  # a port stays
+    monkeypatch.setenv("AMQP_URL", "amqp://a:p@h1/%2F, amqp://a:p@h2/%2F")
+    assert workqueue.broker_urls(None) == ["amqp://a:p@h1/%2F", "amqp://a:p@h2/%2F"]
