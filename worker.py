@@ -45,6 +45,7 @@ from typing import NamedTuple
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
+import policy
 import workqueue
 from metrics import Metrics, NoMetrics
 
@@ -616,8 +617,6 @@ class Worker:
         self.started = 0  # tasks handed to the pool; --max-tasks counts these
         self.channel: BlockingChannel | None = None  # the current channel
         self.publish_backoff = workqueue.Backoff()  # pauses while publishing retries or dead letters fails
-        # A crash loop ends at --max-retries deaths, and always before RabbitMQ 4 would drop the task.
-        self.max_returns = min(args.max_retries, workqueue.BROKER_DELIVERY_LIMIT - 1)
         # How often a consumer timeout took each task back from us while it ran (by Delivery.identity).
         self.timed_out: dict[str, int] = {}
         self.retired: set[BlockingChannel] = set()  # channels left while tasks of theirs still run (4.3)
@@ -825,21 +824,13 @@ class Worker:
             self.hand_back(delivery)
             return
         taken_back = self.timed_out.get(delivery.identity, 0) if method.redelivered else 0
-        if not self.args.auto_ack and taken_back > self.args.max_retries:
-            # RabbitMQ 4.3 does not count these returns: without this, it would run and be taken back forever.
-            why = f"the broker's consumer timeout took it back {taken_back} times: it runs longer than that allows"
-            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True, unfinished=taken_back)
-            return
-        if not self.args.auto_ack and returns.counted > self.max_returns:
-            # Its earlier deliveries ended without an ack or a failure: the process running it died
-            # (out of memory, a segfault) or lost its connection. Another start could kill this
-            # worker too: it goes to the dead-letter queue instead, and a crash loop ends here,
-            # before RabbitMQ 4's delivery limit would drop it without a word.
-            why = (
-                f"it came back {returns.counted} times without an ack "
-                "(a worker died with it, lost its connection or gave it back)"
-            )
-            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True, unfinished=returns.counted)
+        unrun = policy.unrun_because(returns.counted, taken_back, self.args.max_retries)
+        if unrun and not self.args.auto_ack:
+            # A crash loop (its workers died with it) or a task longer than the consumer timeout: another
+            # run would end the same way. It goes to the dead-letter queue instead, before RabbitMQ 4's
+            # delivery limit would drop it without a word.
+            why, unfinished = unrun
+            self.retry_or_dead_letter(delivery, Result(Outcome.FAILED, why), final=True, unfinished=unfinished)
             return
         self.in_hand.add(delivery)  # before submit(): its result may come back at once
         self.tasks.submit(delivery)
@@ -977,14 +968,7 @@ class Worker:
         self.close_if_idle(channel)
 
     def wait_delays(self) -> list[float]:
-        """The retry delays that --max-retries can reach, each once, 0 (at once) left out."""
-        reachable = [self.retry_delay(n) for n in range(1, self.args.max_retries + 1)]
-        return sorted({delay for delay in reachable if delay > 0})
-
-    def retry_delay(self, retry: int) -> float:
-        """Seconds before retry `retry` (1, 2, ...): the n-th delay, the last one repeating."""
-        delays = self.args.retry_delays
-        return delays[min(retry, len(delays)) - 1]
+        return policy.wait_delays(self.args.retry_delays, self.args.max_retries)
 
     def retry_or_dead_letter(
         self, delivery: Delivery, result: Result, final: bool = False, unfinished: int = 0
@@ -997,10 +981,9 @@ class Worker:
         to the work queue when its delay is over, through a broker restart or a killed worker."""
         headers = workqueue.without_broker_headers(delivery.properties.headers)
         failed = delivery.retries  # failed attempts before this one
-        if failed < self.args.max_retries and not final:
-            retry = failed + 1
+        retry, delay = policy.after_failure(failed, self.args.max_retries, self.args.retry_delays, final)
+        if retry is not None:
             headers["x-retries"] = retry
-            delay = self.retry_delay(retry)
             if delay:
                 target = workqueue.wait_queue(self.args.queue, delay)
                 due = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))

@@ -359,11 +359,6 @@ def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dlq"
 
 
-# RabbitMQ 4 gives every quorum queue a delivery limit of 20: a message returned more often is
-# dead-lettered by the broker if the queue has a dead-letter exchange, else dropped. (3.10 has none.)
-BROKER_DELIVERY_LIMIT = 20
-
-
 # Headers a broker sets on a message it delivers or dead-letters: not ours to copy onto a new message
 # (a retry, a dead letter, a replay). 4.3 adds x-acquired-count; 3.13 and later x-last-death-*.
 BROKER_HEADERS = ("x-delivery-count", "x-acquired-count", "x-death")

@@ -15,6 +15,7 @@ import pika
 import pytest
 
 import bench
+import policy
 import workqueue
 from new_task import END, NACK_RETRIES, LineReader, Outbox, queued
 from worker import Returns, TaskFailed, dot_task, retries_of, returns_of
@@ -145,7 +146,7 @@ def test_the_scripts_import_on_every_python_that_pyproject_claims(version):
         pytest.skip(f"python{version} is not installed here")
     pika_dir = str(Path(pika.__file__).parent.parent)  # pika is pure Python: one copy serves every version
     result = subprocess.run(
-        [python, "-c", "import workqueue, worker, new_task, delete_queue, local_broker, exercises"],
+        [python, "-c", "import workqueue, policy, worker, new_task, delete_queue, local_broker, exercises"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{pika_dir}"},
         capture_output=True,
@@ -346,3 +347,49 @@ def test_a_comma_in_a_password_in_amqp_url_shows_none_of_it(monkeypatch):
     assert workqueue.redact("amqp://rabbit1:5672/%2F") == "amqp://rabbit1:5672/%2F"  # a port stays
     monkeypatch.setenv("AMQP_URL", "amqp://a:p@h1/%2F, amqp://a:p@h2/%2F")
     assert workqueue.broker_urls(None) == ["amqp://a:p@h1/%2F", "amqp://a:p@h2/%2F"]
+
+
+@pytest.mark.parametrize(
+    ("returned", "taken_back", "max_retries", "unrun"),
+    [
+        (0, 0, 3, None),  # a first delivery runs (3.10's x-delivery-count 0, or none on 4.x)
+        (3, 0, 3, None),  # 3 deaths with --max-retries 3: one more run
+        (4, 0, 3, "it came back 4 times without an ack"),  # the crash-loop guard: dead-lettered unrun
+        (19, 0, 25, None),  # RabbitMQ 4's limit is 20 returns: the 20th delivery still runs...
+        (20, 0, 25, "it came back 20 times without an ack"),  # ...the 21st never: the broker would drop it
+        (0, 1, 1, None),  # taken back once by a consumer timeout: tried again
+        (0, 2, 1, "the broker's consumer timeout took it back 2 times"),  # 4.3 counts none of these
+        (5, 2, 1, "the broker's consumer timeout took it back 2 times"),  # the timeout is the truer reason
+    ],
+)
+def test_the_crash_loop_guards(returned, taken_back, max_retries, unrun):
+    decision = policy.unrun_because(returned, taken_back, max_retries)
+    if unrun is None:
+        assert decision is None
+    else:
+        why, unfinished = decision
+        assert why.startswith(unrun)
+        assert unfinished == (taken_back if "consumer timeout" in unrun else returned)  # the runs that ended so
+
+
+@pytest.mark.parametrize(
+    ("retries", "max_retries", "final", "after"),
+    [
+        (0, 3, False, policy.AfterFailure(1, 1.0)),  # the first failure: retry 1 after the first delay
+        (1, 3, False, policy.AfterFailure(2, 10.0)),
+        (2, 3, False, policy.AfterFailure(3, 60.0)),
+        (3, 3, False, policy.AfterFailure(None)),  # the last: the dead-letter queue
+        (5, 3, False, policy.AfterFailure(None)),  # past a lowered --max-retries: ran once more, then dead
+        (0, 0, False, policy.AfterFailure(None)),  # --max-retries 0
+        (0, 3, True, policy.AfterFailure(None)),  # a guard's decision: no retry
+        (7, 9, False, policy.AfterFailure(8, 60.0)),  # the last delay repeats
+    ],
+)
+def test_after_a_failure(retries, max_retries, final, after):
+    assert policy.after_failure(retries, max_retries, [1.0, 10.0, 60.0], final) == after
+
+
+def test_wait_queues_are_declared_for_the_delays_that_can_be_reached():
+    assert policy.wait_delays([1.0, 10.0, 60.0], 3) == [1.0, 10.0, 60.0]
+    assert policy.wait_delays([1.0, 10.0, 60.0], 1) == [1.0]
+    assert policy.wait_delays([0.0, 5.0], 4) == [5.0]  # 0 = at once: no wait queue
