@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import pika
 
 import local_broker
+import policy
 import workqueue
 
 HERE = Path(__file__).resolve().parent
@@ -133,7 +134,7 @@ class Lab:
             print(f"{self.now():6.1f}s  -- {text}", flush=True)
 
     def worker(self, name: str, *args: str, wait: bool = True) -> Worker:
-        delays = args[args.index("--retry-delays") + 1] if "--retry-delays" in args else "1,10,60"  # worker's default
+        delays = args[args.index("--retry-delays") + 1] if "--retry-delays" in args else policy.DEFAULT_RETRY_DELAYS
         self.wait_queues |= {workqueue.wait_queue(self.queue, float(d)) for d in delays.split(",") if float(d)}
         worker = Worker(self, name, *args)
         self.workers.append(worker)

@@ -79,7 +79,8 @@ class RabbitMQ:
 
     def check(self) -> None:
         """Fail with one line saying how to install this release, if it is not; mount the root's /proc."""
-        if not (self.root or Path("/")).joinpath(str(RABBITMQ_BIN / "rabbitmq-server")[1:]).exists():
+        server = RABBITMQ_BIN / "rabbitmq-server"
+        if not (self.root / server.relative_to("/") if self.root else server).exists():
             if self.root:
                 raise BrokerError(
                     f"RabbitMQ {self.release} is not installed here ({self.root} is missing); "
@@ -431,7 +432,8 @@ def is_local_broker(state: dict) -> bool:
         owner = Path(f"/proc/{int(pid)}").stat().st_uid
     except (OSError, ValueError, TypeError):
         return False
-    return owner == os.getuid() and process_started(pid) is not None and process_started(pid) == state.get("started")
+    started = process_started(pid)
+    return owner == os.getuid() and started is not None and started == state.get("started")
 
 
 def running_state() -> dict:

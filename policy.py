@@ -17,6 +17,8 @@ from typing import NamedTuple
 # pass it is dropped (or dead-lettered by the broker, if the queue has a dead-letter exchange).
 BROKER_DELIVERY_LIMIT = 20
 
+DEFAULT_RETRY_DELAYS = "1,10,60"  # worker.py --retry-delays: seconds before retry 1, 2, 3 and after
+
 
 def unrun_because(returned: int, taken_back: int, max_retries: int) -> tuple[str, int] | None:
     """Before a run: (why it goes to the dead-letter queue unrun, how many runs ended unfinished), or None.

@@ -125,7 +125,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retry-delays",
         type=delays,
-        default="1,10,60",
+        default=policy.DEFAULT_RETRY_DELAYS,
         metavar="LIST",
         help="seconds a failed task waits before retry 1, 2, ...; the last repeats; 0 = at once. Each delay has a "
         "wait queue, <queue>.retry.<delay>s; one no longer used stays: remove it with "
@@ -249,10 +249,6 @@ class Delivery:
     state: TaskState = TaskState.WAITING  # see TaskPool
     taken_back: bool = False  # by the broker's consumer timeout: not ours to ack (Worker.leave_channel)
     received: float = field(default_factory=time.monotonic)  # when it came (time.monotonic())
-
-    @property
-    def attempt(self) -> int:
-        return self.retries + 1
 
     @property
     def label(self) -> str:
@@ -494,7 +490,7 @@ class ChildProcess:
 
     def __init__(self, task_spec: str | None, dot_seconds: float):
         self.task_spec, self.dot_seconds = task_spec, dot_seconds
-        self.process: multiprocessing.process.BaseProcess | None = None  # started by the first task
+        self.process: multiprocessing.process.BaseProcess | None = None  # started by TaskPool.serve
 
     def start(self) -> str | None:
         """Start a child and wait until it has loaded the task (a time limit counts the task's time,
@@ -676,16 +672,10 @@ class Worker:
             channel = self.channel = connection.channel()
             channel.basic_qos(prefetch_count=self.args.prefetch)  # at most N unacked tasks at this worker
             channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
-            channel.queue_declare(
-                queue=self.args.queue, durable=True, arguments=workqueue.queue_arguments(self.args.queue_type)
-            )
-            workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)
-            for delay in self.wait_delays():  # a failed task waits there, then the broker moves it back
-                channel.queue_declare(
-                    queue=workqueue.wait_queue(self.args.queue, delay),
-                    durable=True,
-                    arguments=workqueue.wait_queue_arguments(self.args.queue, self.args.queue_type, delay),
-                )
+            # The work queue, its dead-letter queue, and the wait queues where a failed task waits until
+            # the broker moves it back.
+            for name in (self.args.queue, self.dead_letter_queue, *self.wait_queues()):
+                self.declare(connection, name)
             if self.args.max_tasks is not None and self.started >= self.args.max_tasks:
                 self.stopping = True  # --max-tasks 0, or all taken before a reconnect: none more
                 break
@@ -749,7 +739,9 @@ class Worker:
         """The broker cancelled our consumer, and basic.cancel carries no reason: tell the usual ones
         apart. Returns what to say, and the task a consumer timeout took back (None if it was not one)."""
         oldest = self.oldest_running(channel)
-        for _ in range(1 if oldest else 4):  # a queue being deleted can still answer for a moment (4.3)
+        for attempt in range(1 if oldest else 4):  # a queue being deleted can still answer for a moment (4.3)
+            if attempt:
+                connection.sleep(0.25)
             try:
                 with workqueue.short_channel(connection) as probe:
                     probe.queue_declare(queue=self.args.queue, passive=True)
@@ -760,7 +752,6 @@ class Worker:
                     f"the broker cancelled our consumer: queue '{self.args.queue}' was deleted; declaring it again"
                 )
                 return deleted, None
-            connection.sleep(0.25)
         held_for = time.monotonic() - oldest.received if oldest else 0.0
         known = self.args.consumer_timeout
         if oldest and (known is None or held_for >= known - 1):
@@ -967,8 +958,10 @@ class Worker:
             self.retry_or_dead_letter(delivery, result)
         self.close_if_idle(channel)
 
-    def wait_delays(self) -> list[float]:
-        return policy.wait_delays(self.args.retry_delays, self.args.max_retries)
+    def wait_queues(self) -> dict[str, float]:
+        """The wait queue of each delay that --max-retries can reach: {name: delay}."""
+        delays = policy.wait_delays(self.args.retry_delays, self.args.max_retries)
+        return {workqueue.wait_queue(self.args.queue, delay): delay for delay in delays}
 
     def retry_or_dead_letter(
         self, delivery: Delivery, result: Result, final: bool = False, unfinished: int = 0
@@ -1071,7 +1064,7 @@ class Worker:
         if name == self.dead_letter_queue:
             workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)
             return
-        delays = {workqueue.wait_queue(self.args.queue, delay): delay for delay in self.wait_delays()}
+        delays = self.wait_queues()
         with workqueue.short_channel(connection) as channel:
             if name in delays:
                 arguments = workqueue.wait_queue_arguments(self.args.queue, self.args.queue_type, delays[name])

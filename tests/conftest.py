@@ -7,6 +7,7 @@ made for the run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -261,6 +262,13 @@ def get_all(broker: BrokerNode, queue: str) -> list[tuple[bytes, dict]]:
                 return taken
             channel.basic_ack(method.delivery_tag)
             taken.append((body, properties.headers or {}))
+
+
+def rabbitmq_version(node: BrokerNode) -> tuple[int, int]:
+    """The node's RabbitMQ release, (4, 3) say: where the releases differ, a test checks what each does."""
+    status = json.loads(node.rabbitmqctl("status", "--formatter", "json"))
+    major, minor = status["rabbitmq_version"].split(".")[:2]
+    return int(major), int(minor)
 
 
 def wait_until(condition, timeout: float, what: str) -> None:

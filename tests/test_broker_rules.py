@@ -12,7 +12,7 @@ import time
 
 import pika
 import pytest
-from conftest import get_all, publish, run_script, start_worker, wait_for_counts
+from conftest import get_all, publish, rabbitmq_version, run_script, start_worker, wait_for_counts
 
 pytestmark = pytest.mark.queue_semantics
 
@@ -20,22 +20,21 @@ LIMIT = 20  # RabbitMQ 4's default delivery limit on quorum queues
 PAST_THE_LIMIT = LIMIT + 2
 
 
-def version(broker) -> tuple[int, ...]:
-    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
-        announced = connection._impl.server_properties["version"]
-    return tuple(int(part) for part in announced.split(".")[:2])
+def take(channel, queue: str):
+    """basic_get the one task of a queue, unacked (a return takes a moment to be ready again)."""
+    method = None
+    deadline = time.monotonic() + 10
+    while method is None and time.monotonic() < deadline:
+        method, _, _ = channel.basic_get(queue)
+    assert method is not None, f"the task is gone from {queue}"
+    return method
 
 
 def take_and_die(broker, queue: str, times: int) -> None:
     """A consumer that takes the task and dies holding it (its connection closes, no ack), `times` times."""
     for _ in range(times):
         with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
-            channel = connection.channel()
-            method = None
-            deadline = time.monotonic() + 10
-            while method is None and time.monotonic() < deadline:  # a return takes a moment to be ready
-                method, _, _ = channel.basic_get(queue)
-            assert method is not None, f"the task is gone from {queue}"
+            take(connection.channel(), queue)
 
 
 def take_and_nack(broker, queue: str, times: int) -> None:
@@ -43,12 +42,7 @@ def take_and_nack(broker, queue: str, times: int) -> None:
     with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
         channel = connection.channel()
         for _ in range(times):
-            method = None
-            deadline = time.monotonic() + 10
-            while method is None and time.monotonic() < deadline:
-                method, _, _ = channel.basic_get(queue)
-            assert method is not None, f"the task is gone from {queue}"
-            channel.basic_nack(method.delivery_tag, requeue=True)
+            channel.basic_nack(take(channel, queue).delivery_tag, requeue=True)
 
 
 def returns_seen(headers: dict) -> int:
@@ -202,7 +196,7 @@ def test_consumer_timeout_option_holds_a_long_task_on_4_3(env, queue, start, bro
     """--consumer-timeout asks for x-consumer-timeout; --time-limit sets it to cover the tasks held."""
     worker = start_worker(start, queue, *option, "--dot-seconds", "1")
     publish(env, queue, "slow......")
-    if version(broker) >= (4, 3):  # x-consumer-timeout on basic.consume: the broker's setting yields to it
+    if rabbitmq_version(broker) >= (4, 3):  # x-consumer-timeout on basic.consume: the broker's setting yields to it
         worker.wait_for(r"Done 'slow\.+'", timeout=30)
         assert "consumer timeout" not in worker.output
         wait_for_counts(broker, queue, 0, 0)
@@ -218,7 +212,7 @@ def test_a_dead_letter_queue_declared_before_keeps_working_and_says_how_to_lift_
     publish(env, queue, "error")
     worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; moved to ")
     warning = [line for line in worker.lines if "x-delivery-limit" in line]
-    if version(broker) < (4, 0):
+    if rabbitmq_version(broker) < (4, 0):
         assert warning == []  # 3.10 has no such limit
         return
     assert len(warning) == 1, worker.output

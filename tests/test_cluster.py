@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Script, done_tasks, ready_count, wait_until
+from conftest import Script, done_tasks, rabbitmq_version, ready_count, wait_until
 
 from local_broker import BrokerCluster
 
@@ -75,7 +75,7 @@ def test_tasks_held_at_a_lost_node_come_back_to_the_survivors(cluster, env):
         cluster.wait_running(3, asking=second)
     env = {**env, "AMQP_URL": ",".join(cluster.urls), "DOT_SECONDS": "1"}  # the workers connect to the first node
     queue = "t_held"
-    if version(second) >= (4, 3):
+    if rabbitmq_version(second) >= (4, 3):
         second.rabbitmqctl(
             "set_policy", "held-tasks", f"^{queue}$", '{"consumer-disconnected-timeout": 5000}',
             "--apply-to", "quorum_queues",
@@ -100,12 +100,7 @@ def test_tasks_held_at_a_lost_node_come_back_to_the_survivors(cluster, env):
     finally:
         for worker in workers:
             worker.stop()
-        if version(second) >= (4, 3):
+        if rabbitmq_version(second) >= (4, 3):
             second.rabbitmqctl("clear_policy", "held-tasks")
         first.start()
         cluster.wait_running(3, asking=second)
-
-
-def version(node) -> tuple[int, ...]:
-    status = json.loads(node.rabbitmqctl("status", "--formatter", "json"))
-    return tuple(int(part) for part in status["rabbitmq_version"].split(".")[:2])
