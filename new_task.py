@@ -9,7 +9,6 @@ counts as sent only once the broker confirmed it (publisher confirms).
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import queue
 import sys
@@ -216,19 +215,20 @@ class Outbox:
 
 
 class Publisher:
-    """Publishes an Outbox over an asynchronous connection, many confirms outstanding, and reconnects.
+    """Publishes an Outbox over asynchronous connections, one at a time, many confirms outstanding.
 
     A blocking channel in confirm mode waits one round trip per message; here up to
     CONFIRM_WINDOW messages are in flight and each confirm frees a slot. If the connection
     drops, every message not yet confirmed is published again on the next connection, so
-    nothing is lost (a message in flight at the drop may arrive twice). Each callback below
-    opens the next step; one that ends the connection stops the ioloop, and run() decides
-    what follows: done, a fatal error, or a reconnect after a pause.
+    nothing is lost (a message in flight at the drop may arrive twice).
 
-    Threads: run()'s thread owns the connection, the Outbox and every field here. The one
-    call from another thread is wake() (the LineReader's), which only asks the ioloop to call
-    publish_more. One ioloop serves each connection in turn, so a wake always reaches the
-    current one; a timer left from an earlier connection sees it is not current and stops.
+    run() makes a Session for each connection in turn: the session owns that connection, its
+    channel, its state and its timers, and ends by stopping the ioloop; run() then decides what
+    follows: done, a fatal error, or a reconnect after a pause.
+
+    Threads: run()'s thread owns everything here and in the Session. The one call from another
+    thread is wake() (the LineReader's), which only asks the ioloop to call publish_more; one
+    ioloop serves each session in turn, so a wake always reaches the current one.
     """
 
     def __init__(self, *, urls, queue, queue_type, persistent, outbox, connect_timeout, show_progress):
@@ -246,16 +246,7 @@ class Publisher:
         self.warned_of_nacks = False
         self.last_error = "no broker URL answered"
         self.fatal: workqueue.WorkQueueError | None = None
-        # Of the current connection (run() resets them):
-        self.url = urls[0]
-        self.connection = self.channel = None
-        self.opened = False  # it got as far as open
-        self.declared = False  # the queue is declared: a 406 from now on is not about its arguments
-        self.ready = False  # its channel is in confirm mode and not closing: publish_more may publish
-        self.blocked = False  # the broker blocked it (a memory or disk alarm): waiting is not a failure
-        self.nacked_here = False  # the broker nacked on it: publish nothing more there, reconnect
-        self.why_closing: str | None = None  # why we closed it before we were done
-        self.last_confirm = time.monotonic()
+        self.session: Session | None = None  # the current connection's
 
     def run(self) -> None:
         """Connect, publish everything, and come back when all is confirmed (or raise)."""
@@ -264,18 +255,10 @@ class Publisher:
         backoff = workqueue.Backoff()
         attempt = 0
         while True:
-            self.url = self.urls[attempt % len(self.urls)]
-            attempt += 1
-            self.opened = self.declared = self.ready = self.blocked = self.nacked_here = False
             confirmed_before = self.outbox.confirmed
-            self.connection = pika.SelectConnection(
-                workqueue.connection_parameters(self.url),
-                on_open_callback=self.on_connection_open,
-                on_open_error_callback=self.on_connection_open_error,
-                on_close_callback=self.on_connection_closed,
-                custom_ioloop=self.ioloop,
-            )
-            self.ioloop.start()  # runs until a callback stops it
+            self.session = Session(self, self.urls[attempt % len(self.urls)])
+            attempt += 1
+            self.ioloop.start()  # runs until the session ends
             if self.fatal:
                 raise self.fatal
             if self.outbox.finished:
@@ -283,7 +266,7 @@ class Publisher:
             if self.outbox.confirmed > confirmed_before:  # it got somewhere: a new retry window
                 retry_for = RECONNECT_FOR
                 deadline = time.monotonic() + retry_for
-                if not self.nacked_here:  # the pause keeps growing while the broker keeps nacking
+                if not self.session.nacked_here:  # the pause keeps growing while the broker keeps nacking
                     backoff.reset()
             pause = backoff.next()
             if time.monotonic() + pause > deadline and attempt % len(self.urls) == 0:
@@ -295,34 +278,76 @@ class Publisher:
         """From the reader's thread: lines came, and the publisher may be idle waiting for them."""
         self.ioloop.add_callback_threadsafe(self.publish_more)  # pika's one thread-safe call
 
+    def publish_more(self) -> None:
+        self.session.publish_more()
+
+    def warn(self, message: str, *args) -> None:
+        """A warning on a line of its own: the progress line, if shown, is wiped first."""
+        if self.show_progress:
+            sys.stderr.write("\r\033[K")
+        LOGGER.warning(message, *args)
+
+
+class Session:
+    """One connection of the Publisher, from its opening to its close: its channel, state and timers.
+
+    Each callback below opens the next step. When the connection closes, its timers are cancelled
+    and the ioloop stops, so nothing of a session outlives its connection.
+    """
+
+    def __init__(self, publisher: Publisher, url: str):
+        self.publisher = publisher
+        self.outbox = publisher.outbox
+        self.ioloop = publisher.ioloop
+        self.url = url
+        self.channel = None
+        self.declared = False  # the queue is declared: a 406 from now on is not about its arguments
+        self.ready = False  # its channel is in confirm mode and not closing: publish_more may publish
+        self.blocked = False  # the broker blocked it (a memory or disk alarm): waiting is not a failure
+        self.nacked_here = False  # the broker nacked on it: publish nothing more here, reconnect
+        self.why_closing: str | None = None  # why we closed it before we were done
+        self.last_confirm = time.monotonic()
+        self.timers: dict[str, object] = {}  # name -> the ioloop's handle; all cancelled at the close
+        self.connection = pika.SelectConnection(
+            workqueue.connection_parameters(url),
+            on_open_callback=self.on_connection_open,
+            on_open_error_callback=self.on_connection_open_error,
+            on_close_callback=self.on_connection_closed,
+            custom_ioloop=self.ioloop,
+        )
+
+    def call_later(self, name: str, seconds: float, callback: Callable[[], None]) -> None:
+        """A timer of this session's (one per name): it never fires after the connection closed."""
+        self.timers[name] = self.ioloop.call_later(seconds, callback)
+
     # Connection and channel: each step opens the next.
 
     def on_connection_open(self, connection):
         """Connected: open a channel, and hear when the broker blocks or unblocks publishing."""
-        self.opened = True
         connection.add_on_connection_blocked_callback(self.on_blocked)
         connection.add_on_connection_unblocked_callback(self.on_unblocked)
         connection.channel(on_open_callback=self.on_channel_open)
 
-    def on_connection_open_error(self, connection, error):
+    def on_connection_open_error(self, _connection, error):
         """The broker did not let us in; run() tries again unless the login was refused."""
         if workqueue.is_login_refused(error):
-            self.fatal = workqueue.LoginRefused(
+            self.publisher.fatal = workqueue.LoginRefused(
                 f"login refused by {workqueue.where(self.url)}: wrong user, password or vhost"
             )
-        self.last_error = f"cannot reach {workqueue.where(self.url)}: {workqueue.describe(error)}"
+        self.publisher.last_error = f"cannot reach {workqueue.where(self.url)}: {workqueue.describe(error)}"
         self.ioloop.stop()
 
-    def on_connection_closed(self, connection, reason):
+    def on_connection_closed(self, _connection, reason):
         """Closed by us when done, or lost: then run() reconnects and sends the unconfirmed again."""
         self.ready = False
-        if not self.outbox.finished and not self.fatal:
+        for timer in self.timers.values():
+            self.ioloop.remove_timeout(timer)
+        if not self.outbox.finished and not self.publisher.fatal:
             again = self.outbox.connection_lost()
             why = self.why_closing or f"connection lost ({workqueue.describe(reason)})"
-            self.last_error = f"{why} on {workqueue.where(self.url)}"
+            self.publisher.last_error = f"{why} on {workqueue.where(self.url)}"
             if not self.nacked_here:  # nacks were announced when they came
-                self.warn("%s; reconnecting, %d unconfirmed message(s) will be sent again", why, again)
-        self.why_closing = None
+                self.publisher.warn("%s; reconnecting, %d unconfirmed message(s) will be sent again", why, again)
         self.ioloop.stop()
 
     def close(self, why: str | None = None) -> None:
@@ -332,29 +357,27 @@ class Publisher:
         publish) never answers a close; waiting for it would hang the producer for good.
         """
         self.ready = False
-        connection = self.connection
-        if not connection.is_open:  # closing already, or closed
+        if not self.connection.is_open:  # closing already, or closed
             return
         self.why_closing = self.why_closing or why
-        connection.close()
-        self.ioloop.call_later(CLOSE_TIMEOUT, functools.partial(self.drop_if_still_closing, connection))
+        self.connection.close()
+        self.call_later("close", CLOSE_TIMEOUT, self.drop_if_still_closing)
 
-    def drop_if_still_closing(self, connection):
-        if connection is self.connection and connection.is_closing:
-            self.warn("no answer to our close for %gs; dropping the connection", CLOSE_TIMEOUT)
-            # pika has no public call for this; its heartbeat checker ends a silent connection the same way.
-            connection._terminate_stream(pika.exceptions.AMQPConnectionError("no answer to our close"))
+    def drop_if_still_closing(self):
+        if self.connection.is_closing:
+            self.publisher.warn("no answer to our close for %gs; dropping the connection", CLOSE_TIMEOUT)
+            abandon(self.connection, "no answer to our close")
 
     def on_blocked(self, _connection, frame):
         """A memory or disk alarm: the broker takes nothing until it lifts. Wait, no drop, no resend."""
         self.blocked = True
         reason = workqueue.printable(getattr(frame.method, "reason", "") or "a resource alarm", limit=200)
-        self.warn("the broker blocked publishing (%s); waiting until it unblocks", reason)
+        self.publisher.warn("the broker blocked publishing (%s); waiting until it unblocks", reason)
 
     def on_unblocked(self, _connection, _frame):
         self.blocked = False
         self.last_confirm = time.monotonic()  # the confirm clock starts again
-        self.warn("the broker unblocked publishing; going on")
+        self.publisher.warn("the broker unblocked publishing; going on")
 
     def on_channel_open(self, channel):
         """Channel open: declare the durable queue, exactly as worker.py does."""
@@ -362,25 +385,26 @@ class Publisher:
         channel.add_on_close_callback(self.on_channel_closed)
         channel.add_on_return_callback(self.on_returned)
         channel.queue_declare(
-            queue=self.queue,
+            queue=self.publisher.queue,
             durable=True,
-            arguments=workqueue.queue_arguments(self.queue_type),
+            arguments=workqueue.queue_arguments(self.publisher.queue_type),
             callback=self.on_queue_declared,
         )
 
-    def on_channel_closed(self, channel, reason):
+    def on_channel_closed(self, _channel, reason):
         """A 406 (other arguments on declare; a message refused after it) or a 403 (permissions) is
         fatal; anything else: reconnect."""
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            publisher = self.publisher
             if reason.reply_code == 406 and not self.declared:
-                self.fatal = workqueue.queue_mismatch(self.queue, reason.reply_text)
+                publisher.fatal = workqueue.queue_mismatch(publisher.queue, reason.reply_text)
             elif reason.reply_code == 406:  # a message the broker will never take (larger than max_message_size)
-                self.fatal = workqueue.NotConfirmed(
+                publisher.fatal = workqueue.NotConfirmed(
                     f"the broker refused a message and closed the channel ({workqueue.describe(reason)}); "
                     f"{workqueue.plural(self.outbox.confirmed, 'message')} confirmed before it, the rest not confirmed "
                     "(a line longer than the broker's max_message_size?)"
                 )
-            self.fatal = self.fatal or workqueue.access_refused(reason, self.url)
+            publisher.fatal = publisher.fatal or workqueue.access_refused(reason, self.url)
             self.why_closing = self.why_closing or f"the broker closed the channel ({workqueue.describe(reason)})"
         self.close()
 
@@ -392,28 +416,26 @@ class Publisher:
     def on_confirm_mode(self, _frame):
         """Confirms on: start publishing, and show progress on a terminal."""
         self.ready = True
-        if self.show_progress:
-            self.ioloop.call_later(0.5, functools.partial(self.print_progress, self.connection))
+        if self.publisher.show_progress:
+            self.call_later("progress", 0.5, self.print_progress)
         self.last_confirm = time.monotonic()
-        self.ioloop.call_later(1.0, functools.partial(self.watch_confirms, self.connection))
+        self.call_later("watch", 1.0, self.watch_confirms)
         self.publish_more()
 
-    def watch_confirms(self, connection):
+    def watch_confirms(self):
         """A broker that neither acks nor nacks (a queue stuck without a leader) gets another chance elsewhere."""
-        if connection is not self.connection or not connection.is_open:
-            return
         if self.blocked or not self.outbox.unconfirmed:
             self.last_confirm = time.monotonic()  # blocked by an alarm, or nothing to confirm: not a silence
         elif time.monotonic() - self.last_confirm > CONFIRM_TIMEOUT:
             self.close(f"no confirm from the broker for {CONFIRM_TIMEOUT:.0f}s")
             return  # on_connection_closed arranges the reconnect and the resend
-        self.ioloop.call_later(1.0, functools.partial(self.watch_confirms, connection))
+        self.call_later("watch", 1.0, self.watch_confirms)
 
     # Publishing and confirms.
 
     def publish_more(self):
         """Fill the confirm window from what is read so far; close the connection once all is confirmed."""
-        if not self.ready:  # not yet in confirm mode, or closing: the next connection takes over
+        if not self.ready:  # not yet in confirm mode, or closing: the next session takes over
             return
         if self.nacked_here:  # publish nothing more here; once the window settles, reconnect
             if not self.outbox.unconfirmed:
@@ -422,9 +444,9 @@ class Publisher:
         while (body := self.outbox.take()) is not None:
             self.channel.basic_publish(
                 exchange="",
-                routing_key=self.queue,
+                routing_key=self.publisher.queue,
                 body=body,
-                properties=self.properties,
+                properties=self.publisher.properties,
                 mandatory=True,  # an unroutable message comes back instead of vanishing
             )
         if self.outbox.finished:
@@ -439,9 +461,9 @@ class Publisher:
             # After a cluster node is lost, a channel may nack every message for a quorum queue whose
             # leader moved: a new connection, after a pause, gets through. The rest of the window's
             # confirms come first, so that no ack is thrown away.
-            if not self.warned_of_nacks:
-                self.warn("the broker refused (nacked) messages; sending them again on a new connection")
-                self.warned_of_nacks = True
+            if not self.publisher.warned_of_nacks:
+                self.publisher.warn("the broker refused (nacked) messages; sending them again on a new connection")
+                self.publisher.warned_of_nacks = True
             self.nacked_here = True
         self.publish_more()
 
@@ -449,23 +471,23 @@ class Publisher:
         """Unroutable: the queue was deleted under us. Its ack follows; count it as failed."""
         self.outbox.returned += 1
 
-    def warn(self, message: str, *args) -> None:
-        """A warning on a line of its own: the progress line, if shown, is wiped first."""
-        if self.show_progress:
-            sys.stderr.write("\r\033[K")
-        LOGGER.warning(message, *args)
-
-    def print_progress(self, connection):
-        if connection is not self.connection or self.outbox.finished or not connection.is_open:
+    def print_progress(self):
+        if self.outbox.finished:
             return
-        rate = self.outbox.confirmed / max(time.monotonic() - self.started, 1e-9)
+        rate = self.outbox.confirmed / max(time.monotonic() - self.publisher.started, 1e-9)
         blocked = ", blocked by the broker" if self.blocked else ""
         sys.stderr.write(
             f"\r  {self.outbox.confirmed:,} confirmed, {len(self.outbox.unconfirmed):,} in flight "
             f"({rate:,.0f}/s){blocked}\033[K"  # clear what a longer line before left
         )
         sys.stderr.flush()
-        self.ioloop.call_later(0.5, functools.partial(self.print_progress, connection))
+        self.call_later("progress", 0.5, self.print_progress)
+
+
+def abandon(connection: pika.SelectConnection, why: str) -> None:
+    """Drop a connection whose close the broker never answers. pika 1.4 has no public call for this; its
+    own heartbeat checker ends a silent connection the same way. tests/test_units.py fails if it goes."""
+    connection._terminate_stream(pika.exceptions.AMQPConnectionError(why))
 
 
 def main() -> int:

@@ -1,16 +1,16 @@
-"""What becomes of a task: the worker's decisions, as pure functions (no broker, no I/O).
+"""What becomes of a task: the worker's decisions, as one pure function (no broker, no I/O).
 
-- Before a delivery runs, a crash-loop guard may send it to the dead-letter queue unrun: when it
-  came back unacked too often (x-delivery-count: its workers died with it), or when the broker's
-  consumer timeout took it back too often (the worker's own count; RabbitMQ 4.3 does not count it).
-- After a run failed, it is retried (after its delay, in a wait queue) or, past --max-retries,
-  dead-lettered.
-
-worker.py carries each decision out; tests/test_units.py checks them as a table.
+decide() answers, for one delivery, what the worker does next: when it arrives (run it, hand it
+back, or dead-letter it unrun: the crash-loop guards) and when its run ended (ack, retry after a
+delay, dead-letter with the reason, hand back, or nothing left to do). Its inputs are the run's
+outcome, what the message's headers say of its past (read here, by each RabbitMQ release's
+counting rules), the worker's options and its state (stopping, the channel still open). worker.py
+carries each decision out; tests/test_units.py checks them as a table, with each release's headers.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import NamedTuple
 
 # RabbitMQ 4 gives every quorum queue a delivery limit of 20: a message whose x-delivery-count would
@@ -18,6 +18,140 @@ from typing import NamedTuple
 BROKER_DELIVERY_LIMIT = 20
 
 DEFAULT_RETRY_DELAYS = "1,10,60"  # worker.py --retry-delays: seconds before retry 1, 2, 3 and after
+
+
+# --- What the headers say of a message's past -------------------------------------------------
+
+
+class Returns(NamedTuple):
+    """How often a quorum queue got this message back unsettled, from the headers it adds (classic queues: 0, 0).
+
+    RabbitMQ's versions count differently (the README has the table):
+    - 3.10 and 4.0: x-delivery-count counts every return: a consumer that died or lost its
+      connection or channel, a nack, a reject.
+    - 4.3: x-delivery-count counts deaths and rejects, not nacks; x-acquired-count counts every return.
+    On RabbitMQ 4 a quorum queue drops (or dead-letters) a message whose x-delivery-count would pass
+    20: `counted` is the figure that limit looks at, `every` the one a person wants to see."""
+
+    counted: int = 0  # toward the broker's delivery limit
+    every: int = 0  # every return, nacks included
+
+
+def returns_of(properties) -> Returns:
+    """From a message's properties (pika.BasicProperties): its headers."""
+    headers = properties.headers or {}
+    counted = headers.get("x-delivery-count", 0)
+    counted = counted if is_count(counted) else 0
+    every = headers.get("x-acquired-count", counted)  # absent before 4.3: x-delivery-count counts every return
+    return Returns(counted, every if is_count(every) else counted)
+
+
+def retries_of(properties) -> tuple[int, str | None]:
+    """(failed runs so far, a complaint if the x-retries header is not a count): any client can set it."""
+    value = (properties.headers or {}).get("x-retries", 0)
+    if is_count(value):
+        return value, None
+    return 0, f"ignoring header x-retries={value!r}: not a count of retries"
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class Past(NamedTuple):
+    """What the worker knows of a delivery's past when it decides."""
+
+    retries: int = 0  # failed runs before (our x-retries header)
+    returns: Returns = Returns()  # came back unsettled (the broker's headers)
+    timed_out: int = 0  # taken back from this worker by the broker's consumer timeout (its own count: 4.3 has none)
+
+
+def past_of(properties, timed_out: int = 0) -> tuple[Past, str | None]:
+    """The Past in a message's headers, and a complaint about a header that is not what it should be."""
+    retries, complaint = retries_of(properties)
+    return Past(retries, returns_of(properties), timed_out), complaint
+
+
+# --- The decision ------------------------------------------------------------------------
+
+
+class Options(NamedTuple):
+    """The worker's options that decide."""
+
+    max_retries: int = 3
+    retry_delays: tuple[float, ...] = (1.0, 10.0, 60.0)
+    auto_ack: bool = False
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    FAILED = "failed"
+    NOT_STARTED = "not started"  # a warm shutdown began before a thread took it: it goes back
+
+
+class Act(enum.Enum):
+    RUN = "hand it to a task thread"
+    ACK = "basic.ack"
+    RETRY = "publish it to a wait queue (or the queue), confirmed, then basic.ack"
+    DEAD_LETTER = "publish it to <queue>.dlq with the reason, confirmed, then basic.ack"
+    HAND_BACK = "basic.nack(requeue): back untouched (4.3 does not count a nack toward the delivery limit)"
+    REJECT = "basic.reject(requeue): back as a failed delivery (it counts toward the delivery limit)"
+    HOLD = "keep it unacked, and publish its retry or dead letter again after a pause"
+    LOST = "nothing can be sent: its channel is gone, or a consumer timeout took it back; the broker redelivers it"
+    FORGOTTEN = "nothing to send: with --auto-ack the broker forgot it when it delivered it"
+    DROPPED = "nothing to send: its channel died before it started, and the broker has it back"
+
+
+class Decision(NamedTuple):
+    act: Act
+    retry: int = 0  # RETRY: the x-retries it carries (1, 2, ...); DEAD_LETTER: the failed runs before
+    delay: float = 0.0  # RETRY: seconds it waits first (0: straight back to the queue)
+    why: str | None = None  # DEAD_LETTER: the reason (x-error); LOST: what took it
+    unfinished: int = 0  # DEAD_LETTER by a guard: runs that ended with no result
+
+
+def decide(  # noqa: PLR0911 (a decision table: one return per row)
+    outcome: Outcome | None,
+    past: Past,
+    options: Options,
+    *,
+    why: str | None = None,
+    stopping: bool = False,
+    channel_open: bool = True,
+    taken_back: bool = False,
+    unrecorded: bool = False,
+) -> Decision:
+    """What to do with a delivery. `outcome` None: it just arrived, not run yet; else how its run ended
+    (`why`: why it failed). `stopping`: a warm shutdown (or --max-tasks) ended the taking of tasks.
+    `channel_open`: its channel can still take an ack. `taken_back`: a consumer timeout took it back
+    while it ran. `unrecorded`: its retry or dead letter could not be published."""
+    if options.auto_ack:  # the broker forgot it when it delivered it: ours alone, run it even when stopping
+        return Decision(Act.RUN if outcome is None else Act.FORGOTTEN)
+    if unrecorded:  # nothing runs it again before its failure is recorded, unless we are leaving
+        return Decision(Act.REJECT if stopping else Act.HOLD)
+    if outcome is None:
+        if stopping:
+            return Decision(Act.HAND_BACK)
+        unrun = unrun_because(past.returns.counted, past.timed_out, options.max_retries)
+        if unrun:
+            # A crash loop (its workers died with it) or a task longer than the consumer timeout: another
+            # run would end the same way. It goes to the dead-letter queue instead, before RabbitMQ 4's
+            # delivery limit would drop it without a word.
+            reason, unfinished = unrun
+            return Decision(Act.DEAD_LETTER, past.retries, why=reason, unfinished=unfinished)
+        return Decision(Act.RUN)
+    if outcome is Outcome.NOT_STARTED:
+        return Decision(Act.HAND_BACK if channel_open else Act.DROPPED)
+    if taken_back:
+        return Decision(Act.LOST, why="the broker's consumer timeout took it back, and redelivers it")
+    if not channel_open:
+        return Decision(Act.LOST)  # (worker.py names what is gone: the channel, or the connection)
+    if outcome is Outcome.DONE:
+        return Decision(Act.ACK)
+    retry, delay = after_failure(past.retries, options.max_retries, options.retry_delays)
+    if retry is None:
+        return Decision(Act.DEAD_LETTER, past.retries, why=why)
+    return Decision(Act.RETRY, retry, delay)
 
 
 def unrun_because(returned: int, taken_back: int, max_retries: int) -> tuple[str, int] | None:
@@ -45,18 +179,18 @@ class AfterFailure(NamedTuple):
     delay: float = 0.0
 
 
-def after_failure(retries: int, max_retries: int, delays: list[float], final: bool = False) -> AfterFailure:
+def after_failure(retries: int, max_retries: int, delays, final: bool = False) -> AfterFailure:
     """`retries`: failed runs before this one (x-retries); `final`: a guard's decision, no retry left."""
     if final or retries >= max_retries:
         return AfterFailure(None)
     return AfterFailure(retries + 1, retry_delay(delays, retries + 1))
 
 
-def retry_delay(delays: list[float], retry: int) -> float:
+def retry_delay(delays, retry: int) -> float:
     """Seconds before retry `retry` (1, 2, ...): the n-th delay, the last one repeating."""
     return delays[min(retry, len(delays)) - 1]
 
 
-def wait_delays(delays: list[float], max_retries: int) -> list[float]:
+def wait_delays(delays, max_retries: int) -> list[float]:
     """The delays --max-retries can reach, each once, 0 (at once) left out: one wait queue each."""
     return sorted({delay for delay in (retry_delay(delays, n) for n in range(1, max_retries + 1)) if delay > 0})

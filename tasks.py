@@ -1,0 +1,390 @@
+"""The task side of worker.py: threads (and child processes) that run tasks and never touch the broker.
+
+A Delivery is one task as it came from the broker. The Worker (the connection's thread) puts it in
+the TaskPool; a task thread runs it, in itself or in a child process of its own, and puts its Result
+in `finished`, then wakes the connection's thread, which decides what becomes of it and acks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import hashlib
+import importlib
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+import workqueue
+from policy import Outcome, Past
+
+CHILD_START_SECONDS = 60.0  # a child process (--isolation process) must be ready to take tasks by then
+
+
+def load_task(spec: str) -> Callable[[bytes], object]:
+    """MODULE:FUNCTION, importable from the current directory or PYTHONPATH."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise workqueue.UsageError(f"--task wants MODULE:FUNCTION, not {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise workqueue.UsageError(f"--task {spec}: cannot import {module_name}: {error}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise workqueue.UsageError(f"--task {spec}: {module_name} has no function {function_name}")
+    return function
+
+
+# --- One delivery, and what became of it ---------------------------------------------
+
+
+class TaskState(enum.Enum):
+    WAITING = "waiting for a task thread"
+    RUNNING = "running"
+    DROPPED = "dropped: its channel died, or a warm shutdown gave it back"
+
+
+@dataclass(eq=False)  # compared and hashed by identity: each delivery is one of a kind
+class Delivery:
+    """One task as it came from the broker, bound to the channel that must ack it."""
+
+    channel: BlockingChannel
+    delivery_tag: int
+    body: bytes
+    properties: pika.BasicProperties
+    redelivered: bool
+    past: Past  # failed runs and returns so far, from its headers (policy.past_of)
+    state: TaskState = TaskState.WAITING  # see TaskPool
+    taken_back: bool = False  # by the broker's consumer timeout: not ours to ack (Worker.leave_channel)
+    received: float = field(default_factory=time.monotonic)  # when it came (time.monotonic())
+
+    @property
+    def label(self) -> str:
+        return workqueue.printable(self.body, limit=50)
+
+    @property
+    def identity(self) -> str:
+        return message_identity(self.properties, self.body)
+
+
+def message_identity(properties: pika.BasicProperties, body: bytes) -> str:
+    """The same for each delivery of one message (body and the ids a producer sets), to know it again."""
+    ids = (properties.message_id, properties.correlation_id, properties.timestamp)
+    return hashlib.sha256(repr(ids).encode() + body).hexdigest()
+
+
+class Result(NamedTuple):
+    outcome: Outcome
+    why: str | None = None  # why it failed
+    seconds: float = 0.0
+    thread: int = 0  # which of the --concurrency threads ran it (1..N)
+
+
+class Console:
+    """Lines on stdout, one per event, whole even when several threads print at once."""
+
+    def __init__(self, name: str, show_threads: bool):
+        self.name = name
+        self.show_threads = show_threads
+        self.lock = threading.Lock()
+
+    def say(self, line: str, thread: int = 0) -> None:
+        label = f"{self.name}/{thread}" if self.show_threads and thread else self.name
+        text = workqueue.printable(f"{label} {line}") + "\n"  # a body's escape sequences stay inert
+        with self.lock:
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except (OSError, ValueError):  # stdout went away (a closed pipe): work on without it
+                pass
+
+
+# --- Threads that run tasks --------------------------------------------------------------
+
+
+class TaskPool:
+    """Runs tasks in N threads of its own; each task's Result goes into `finished`.
+
+    A thread runs its task itself (--isolation thread) or hands it to a child process of its own
+    (--isolation process), which it kills and replaces when the task overruns --time-limit.
+
+    Shared with the connection's thread, and why no race can hurt:
+    - `todo` and `finished` are SimpleQueues (thread-safe): the connection's thread puts
+      deliveries into `todo`, task threads take them; task threads put (delivery, result) into
+      `finished`, and only the connection's thread takes from it.
+    - `Delivery.state` changes only under `state_lock`: WAITING -> RUNNING by the task thread that
+      takes it, or WAITING -> DROPPED by the connection's thread (drop()); never both.
+    - `awaited`, the delivery whose result the connection's thread is waiting for in on_message
+      (so its task thread need not wake it), is read and written under `state_lock` too.
+    - `may_start()` reads the worker's shutdown record (worker.Shutdown), which a signal handler writes
+      in one assignment: a task thread asks it just before it starts a task, so no task starts after
+      the first Ctrl+C, even before the connection's thread has acted on it.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        make_task: tuple[Callable, object],
+        console: Console,
+        metrics,
+        may_start: Callable[[], bool] = lambda: True,
+    ):
+        # (function, argument): function(argument) is the task, made here and in each child process
+        # (which imports it on its own): (load_task, "MODULE:FUNCTION") or (worker.dot_task, seconds).
+        self.make_task = make_task
+        self.task = make_task[0](make_task[1])  # a --task that cannot be loaded: a UsageError, before any thread
+        self.console = console
+        self.metrics = metrics
+        self.max_retries = args.max_retries
+        self.in_process = args.isolation == "process"
+        self.time_limit = args.time_limit
+        self.may_start = may_start
+        self.todo: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        self.finished: queue.SimpleQueue[tuple[Delivery, Result]] = queue.SimpleQueue()
+        self.state_lock = threading.Lock()
+        self.awaited: Delivery | None = None
+        self.local = threading.local()  # each thread's number, and its child process
+        self.wake: Callable[[Delivery], None] = lambda delivery: None  # set by the Worker
+        # --isolation process: each thread starts its child before it takes a task (see wait_ready).
+        self.starting = threading.Semaphore(0)  # released once by each thread when it is ready
+        self.threads = args.concurrency
+        self.children: list[ChildProcess] = []
+        self.closing = threading.Event()  # set at exit: no child is started any more
+        for number in range(1, args.concurrency + 1):
+            # Daemon threads: a worker that exits on an error does not wait for a hung task.
+            threading.Thread(target=self.serve, args=(number,), name=f"task-{number}", daemon=True).start()
+
+    def wait_ready(self) -> None:
+        """Before consuming: wait until every thread's child process (--isolation process) has started, so
+        that a task is never the first thing a child does (and a stop signalled to the group meanwhile
+        finds every child past the point where it ignores SIGINT and SIGTERM)."""
+        for _ in range(self.threads):
+            self.starting.acquire(timeout=CHILD_START_SECONDS + 5)
+
+    def kill_children(self) -> None:
+        """At exit: kill the child processes, and start no new one. They do not stop on SIGTERM (the worker
+        decides when to stop), which is all that multiprocessing's own exit handler would send them."""
+        self.closing.set()
+        for _ in range(2):  # twice: a task thread may have been starting a child as we began
+            for child in self.children:
+                process = child.process
+                if process is not None and process.is_alive():
+                    process.kill()
+                    process.join(timeout=5)
+            time.sleep(0.05)
+
+    def submit(self, delivery: Delivery) -> None:
+        self.todo.put(delivery)
+
+    def wait_for(self, delivery: Delivery, seconds: float) -> tuple[Delivery, Result] | None:
+        """In the connection's thread: the first (delivery, result) to finish within `seconds`, or None.
+        While we wait for `delivery`, its task thread does not wake us; it does again afterwards."""
+        with self.state_lock:
+            self.awaited = delivery
+        try:
+            done = self.finished.get(timeout=seconds)
+        except queue.Empty:
+            done = None
+        with self.state_lock:
+            self.awaited = None
+        return done
+
+    def drop(self, delivery: Delivery) -> bool:
+        """In the connection's thread: keep a delivery that waits for a thread from starting."""
+        with self.state_lock:
+            if delivery.state is TaskState.WAITING:
+                delivery.state = TaskState.DROPPED
+                return True
+            return False
+
+    def serve(self, number: int) -> None:
+        """A task thread: take a delivery, run it, report. Whatever happens becomes the task's
+        result, never a dead thread."""
+        self.local.number, self.local.child = number, None
+        try:
+            if self.in_process:
+                self.local.child = ChildProcess(self.make_task)
+                self.children.append(self.local.child)  # (list.append is atomic) for kill_children() at exit
+                self.local.child.start()  # if it fails, the first task tries again and fails with the reason
+        finally:
+            self.starting.release()
+        while True:
+            delivery = self.todo.get()
+            with self.state_lock:
+                if delivery.state is TaskState.DROPPED:
+                    continue
+                delivery.state = TaskState.RUNNING
+            try:
+                result = self.run(delivery)
+            except BaseException as error:  # around the task (printing its line, say): the task failed
+                result = Result(Outcome.FAILED, reason(error))
+            with self.state_lock:
+                self.finished.put((delivery, result))
+                awaited = self.awaited is delivery
+            if not awaited:  # the connection's thread is not waiting for this one: wake it
+                self.wake(delivery)
+            child = self.local.child
+            if child and child.process is None and self.may_start() and not self.closing.is_set():
+                child.start()  # after a kill: a fresh child for the next task, once this result is out
+
+    def run(self, delivery: Delivery) -> Result:
+        if not self.may_start():
+            return Result(Outcome.NOT_STARTED)
+        thread = self.local.number
+        attempt = ""
+        retries, returns = delivery.past.retries, delivery.past.returns.every
+        if retries:  # a retry: which attempt (--max-retries may have been lowered since the last one)
+            of = f"of {self.max_retries + 1}" if retries <= self.max_retries else "past --max-retries"
+            attempt = f" (attempt {retries + 1} {of})"
+        again = " (redelivered)" if delivery.redelivered else ""
+        if returns > 1:
+            again = f" (redelivered {returns} times)"
+        self.console.say(f"[x] Received '{delivery.label}'{attempt}{again}", thread)
+        self.metrics.task_started()
+        if self.in_process:
+            try:
+                why, seconds = self.local.child.run(delivery.body, self.time_limit)
+            except Exception as error:  # around the child (a pipe error we did not foresee): the task failed
+                why, seconds = reason(error), 0.0
+        else:
+            started = time.monotonic()
+            try:
+                self.task(delivery.body)
+                why = None
+            except BaseException as error:  # SystemExit from a task too: the task failed, the worker goes on
+                why = reason(error)
+            seconds = time.monotonic() - started
+        self.metrics.task_ran(seconds)
+        return Result(Outcome.FAILED if why else Outcome.DONE, why, seconds, thread)
+
+
+# Child processes start from a fresh interpreter: no threads, sockets or locks of the worker in them.
+PROCESSES = multiprocessing.get_context("spawn")
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the worker's to act on, never a child's
+
+
+class ChildProcess:
+    """A child process that runs one task thread's tasks, one at a time, over a pipe.
+
+    Python cannot stop a thread, but it can kill a process: at the time limit, or when a task
+    killed its own process, the child is killed and reaped, the task counts as failed, and the
+    next task starts a new child. Only the task thread that made it uses it.
+    """
+
+    def __init__(self, make_task: tuple[Callable, object]):
+        self.make_task = make_task
+        self.process: multiprocessing.process.BaseProcess | None = None  # started by TaskPool.serve
+
+    def start(self) -> str | None:
+        """Start a child and wait until it has loaded the task (a time limit counts the task's time,
+        not the start-up's). None once it is ready, else why it could not start (it is reaped)."""
+        self.pipe, child_end = PROCESSES.Pipe()
+        self.process = PROCESSES.Process(target=child_main, args=(child_end, self.make_task), name="task", daemon=True)
+        try:
+            self.process.start()
+        except OSError as error:  # no memory, no process slot left
+            child_end.close()
+            self.pipe.close()
+            self.process = None
+            return f"the child process to run it could not start: {error}"
+        child_end.close()
+        try:
+            if self.pipe.poll(CHILD_START_SECONDS) and self.pipe.recv() == "ready":
+                return None
+            why = f"did not start within {CHILD_START_SECONDS:g}s"
+        except (EOFError, OSError):  # it died while starting (an import that failed, a signal)
+            self.process.join(timeout=5)
+            why = f"died while starting: {died_how(self.process.exitcode)}"
+        self.stop()
+        return f"the child process to run it {why}"
+
+    def stop(self) -> None:
+        """Kill the child and reap it."""
+        self.process.kill()
+        self.process.join()
+        self.pipe.close()
+        self.process = None
+
+    def run(self, body: bytes, time_limit: float | None) -> tuple[str | None, float]:
+        """Run one task in the child: (None if it was done, else why it failed; seconds it ran)."""
+        if self.process is None or not self.process.is_alive():  # the first task, or after a death
+            if self.process is not None:
+                self.stop()
+            not_started = self.start()
+            if not_started:
+                return not_started, 0.0
+        started = time.monotonic()
+        why = None
+        try:
+            self.pipe.send_bytes(body)
+            if self.pipe.poll(time_limit):  # time_limit None: wait as long as it takes
+                return self.pipe.recv(), time.monotonic() - started  # None, or why; EOFError if it died
+            why = f"time limit of {time_limit:g} s exceeded"
+        except (EOFError, OSError):
+            pass  # the child died under the task
+        seconds = time.monotonic() - started
+        self.process.kill()
+        self.process.join()
+        why = why or died_how(self.process.exitcode)
+        self.stop()  # TaskPool.serve starts the next one once this result is out
+        return why, seconds
+
+
+def died_how(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = f" ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            name = ""
+        return f"killed by signal {-exitcode}{name}"
+    return f"its process exited with code {exitcode}"
+
+
+def child_main(pipe, make_task: tuple[Callable, object]) -> None:
+    """In a child process: run each task the worker sends; answer None, or why it failed."""
+    # Ctrl+C reaches the whole process group, and a service manager's stop (systemd's KillMode=control-group,
+    # a container runtime) signals every process: the worker decides, and finishes the running task first.
+    for signum in STOP_SIGNALS:  # a handler that does nothing, not SIG_IGN: a program the task starts gets
+        signal.signal(signum, lambda *_: None)  # the default action back, and stops when told to
+    die_with_the_worker()
+    function, argument = make_task
+    task = function(argument)
+    pipe.send("ready")
+    while True:
+        try:
+            body = pipe.recv_bytes()
+        except EOFError:  # the worker is gone
+            return
+        try:
+            task(body)
+            pipe.send(None)
+        except BaseException as error:
+            pipe.send(reason(error))
+
+
+def die_with_the_worker() -> None:
+    """Linux: get SIGKILL when the worker's thread that started us ends (say, kill -9 of the worker),
+    rather than linger with a hung task. Elsewhere the child ends when its pipe closes."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def reason(error: BaseException | None) -> str:
+    """What a failed task's error says, for its line and its x-error header."""
+    return f"{type(error).__name__}: {error}"[:200]
