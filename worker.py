@@ -17,6 +17,10 @@ How it stays correct where the tutorial's worker is not:
 - --time-limit runs tasks in child processes, killed and replaced at the limit;
 - Ctrl+C (or SIGTERM) starts no new task and finishes the running ones; a second
   one quits at once.
+
+Where to look: the tutorial's shape is below (dot_task, then Worker.consume, on_message and
+on_task_done, where the ack is); what becomes of each delivery is decided in policy.py, and the
+threads and child processes that run the tasks are in tasks.py.
 """
 
 from __future__ import annotations

@@ -138,6 +138,43 @@ def drain_rate(url: str, cmd: list[str], q: str, count: int, tmp: Path, *, dots:
     return count / seconds
 
 
+def prefetch_one_rows(url: str, count: int, rounds: int, tmp: Path, broker: str) -> list[str]:
+    """./run.sh bench --drain: the tutorial's worker and ours at prefetch 1, alternating, each run against
+    the tutorial's of its round; and, with a packet capture, each one's own time per task."""
+    q = "bench_drain"
+    workers = {
+        "tutorial worker.py": [PY, str(BENCH / "tutorial_worker.py"), url, q],
+        "ours: worker.py --prefetch 1": ours("worker.py", url, q, "--dot-seconds", 0, "--prefetch", 1),
+    }
+    print("Draining at prefetch 1...", file=sys.stderr)
+    rates: dict[str, list[float]] = {name: [] for name in workers}
+    for name, cmd in alternating(workers, rounds):
+        rates[name].append(drain_rate(url, cmd, q, count, tmp))
+    times: dict[str, list[float]] = {name: [] for name in workers}
+    if turnaround.can_capture():
+        port = urlsplit(url).port or 5672
+        for name, cmd in alternating(workers, max(1, rounds // 2)):
+            worker_time, _ = turnaround.turnarounds(port, functools.partial(drain_rate, url, cmd, q, count, tmp))
+            times[name].append(worker_time)
+    tutorial_rates = rates["tutorial worker.py"]
+    out = [
+        f"{broker}, {os.cpu_count()} cores, Python {platform.python_version()}, pika {pika.__version__}; "
+        f"{count:,} empty tasks per run, persistent, quorum queue, start-up included",
+        "",
+        "| worker, prefetch 1 | runs | drain rate (median) | vs the tutorial's of its round: median (range) "
+        "| own time per task |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, runs in rates.items():
+        ratios = [rate / tutorial for rate, tutorial in zip(runs, tutorial_rates)]
+        own = f"{statistics.median(times[name]):.0f} µs" if times[name] else "(needs root)"
+        out.append(
+            f"| {name} | {len(runs)} | {statistics.median(runs):,.0f}/s "
+            f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {own} |"
+        )
+    return out
+
+
 def alternating(commands: dict[str, list[str]], rounds: int):
     """(name, command) for each round, in turn forward and backward, so that no one always goes first."""
     order = list(commands.items())
@@ -227,6 +264,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: checks that the benchmark runs")
     parser.add_argument("--url", help="use this broker instead of a throwaway node (queues bench_*, peer_*)")
     parser.add_argument("--no-peers", action="store_true", help="leave out Celery and Dramatiq")
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="only the tutorial's worker and ours at prefetch 1, in alternating rounds (about 2 minutes)",
+    )
     args = parser.parse_args()
     publish_n, per_process, drain_n, rounds, fair_n, dot = (
         (2000, 5, 500, 1, 9, 0.02) if args.quick else (100_000, 40, 5_000, 8, 30, 0.1)
@@ -248,6 +290,9 @@ def main() -> int:
             tmp = Path(tmp_name)
             with pika.BlockingConnection(pika.URLParameters(url)) as connection:
                 broker = "RabbitMQ " + ".".join(map(str, workqueue.broker_version(connection)))
+            if args.drain:
+                print("\n".join(prefetch_one_rows(url, drain_n, rounds, tmp, broker)))
+                return 0
             print("Publishing...", file=sys.stderr)
             publish = publish_rows(url, publish_n, per_process, tmp)
             print("Draining...", file=sys.stderr)
