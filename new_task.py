@@ -360,6 +360,8 @@ class Session:
         if not self.connection.is_open:  # closing already, or closed
             return
         self.why_closing = self.why_closing or why
+        for timer in self.timers.values():  # no progress and no confirm watch while it closes
+            self.ioloop.remove_timeout(timer)
         self.connection.close()
         self.call_later("close", CLOSE_TIMEOUT, self.drop_if_still_closing)
 

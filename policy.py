@@ -79,7 +79,7 @@ class Options(NamedTuple):
     """The worker's options that decide."""
 
     max_retries: int = 3
-    retry_delays: tuple[float, ...] = (1.0, 10.0, 60.0)
+    retry_delays: tuple[float, ...] = tuple(float(delay) for delay in DEFAULT_RETRY_DELAYS.split(","))
     auto_ack: bool = False
 
 
@@ -125,6 +125,8 @@ def decide(  # noqa: PLR0911 (a decision table: one return per row)
     (`why`: why it failed). `stopping`: a warm shutdown (or --max-tasks) ended the taking of tasks.
     `channel_open`: its channel can still take an ack. `taken_back`: a consumer timeout took it back
     while it ran. `unrecorded`: its retry or dead letter could not be published."""
+    if outcome is Outcome.NOT_STARTED:
+        return Decision(Act.HAND_BACK if channel_open else Act.DROPPED)
     if options.auto_ack:  # the broker forgot it when it delivered it: ours alone, run it even when stopping
         return Decision(Act.RUN if outcome is None else Act.FORGOTTEN)
     if unrecorded:  # nothing runs it again before its failure is recorded, unless we are leaving
@@ -140,8 +142,6 @@ def decide(  # noqa: PLR0911 (a decision table: one return per row)
             reason, unfinished = unrun
             return Decision(Act.DEAD_LETTER, past.retries, why=reason, unfinished=unfinished)
         return Decision(Act.RUN)
-    if outcome is Outcome.NOT_STARTED:
-        return Decision(Act.HAND_BACK if channel_open else Act.DROPPED)
     if taken_back:
         return Decision(Act.LOST, why="the broker's consumer timeout took it back, and redelivers it")
     if not channel_open:

@@ -20,7 +20,7 @@ How it stays correct where the tutorial's worker is not:
 
 Where to look: the tutorial's shape is below (dot_task, then Worker.consume, on_message and
 on_task_done, where the ack is); what becomes of each delivery is decided in policy.py, and the
-threads and child processes that run the tasks are in tasks.py.
+threads and child processes that run the tasks are in taskpool.py.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import policy
 import workqueue
 from metrics import Metrics, NoMetrics
 from policy import Act, Outcome
-from tasks import Console, Delivery, Result, TaskPool, TaskState, load_task, message_identity
+from taskpool import Console, Delivery, Result, TaskPool, TaskState, load_task, message_identity
 
 LOGGER = logging.getLogger("worker")
 
@@ -97,15 +97,16 @@ def dot_task(seconds_per_dot: float) -> Callable[[bytes], None]:
 
 class Worker:
     """The tutorial's consumer, where its one callback is split in two: on_message() hands each task to a
-    task thread (tasks.TaskPool), so that a long task never stops this thread from answering heartbeats,
+    task thread (taskpool.TaskPool), so that a long task never stops this thread from answering heartbeats,
     and on_task_done() acks it once it has run. policy.decide() says what to do with each delivery;
     the methods here carry that out.
 
-    Everything here runs in the main thread, which owns the connection and its channels, and is the
-    only one to read or write the fields below. A task thread never touches them: it only asks this
-    thread to look at its finished task, through connection.add_callback_threadsafe (the one
-    thread-safe call of a BlockingConnection). The signal handler, which Python runs in this thread
-    between two statements, only records a request in `shutdown`.
+    Everything here but wake() runs in the main thread, which owns the connection and its channels,
+    and is the only one to read or write the fields below. A task thread calls wake() alone, which
+    asks this thread to look at the finished tasks through connection.add_callback_threadsafe (the
+    one thread-safe call of a BlockingConnection), and reads `shutdown.requested` through
+    TaskPool.may_start. The signal handler, which Python runs in this thread between two statements,
+    only records a request (Shutdown).
     """
 
     def __init__(self, args: argparse.Namespace, tasks: TaskPool, console: Console, metrics, shutdown: Shutdown):
@@ -395,7 +396,6 @@ class Worker:
             except pika.exceptions.ChannelClosedByBroker as error:  # say why; the publish fails again, later
                 LOGGER.warning("could not declare %s again: %s", declare, workqueue.describe(error))
         self.record_failure(delivery, decision, why, thread)
-        self.close_if_idle(delivery.channel)
 
     def wait_queues(self) -> dict[str, float]:
         """The wait queue of each delay that --max-retries can reach: {name: delay}."""
@@ -423,13 +423,23 @@ class Worker:
             os.write(2, f"{self.args.name} [!] Cold shutdown: exiting now; unacked tasks are requeued\n".encode())
             os._exit(128 + signum)
         self.shutdown.requested = signum  # one assignment: from now on no task starts (TaskPool reads it)
+        self.metrics.problem = "shutting down"  # for /healthz at once, even while reconnecting (one assignment too)
         os.write(1, f"{self.args.name} [*] Warm shutdown: taking no new tasks\n".encode())
 
     def act_on_stop(self) -> None:
-        """A warm shutdown was asked for and not acted on yet: act now. Called at the connection thread's
-        next chance: in tick(), on_message(), and before an ack (an ack would let the broker send the
-        next task, only for it to go back)."""
-        if self.shutdown.requested is not None and self.shutdown.phase is not Phase.STOPPING:
+        """A warm shutdown was asked for and a consumer still runs: act now. Called at the connection
+        thread's next chance: in tick(), on_message(), and before an ack (an ack would let the broker send
+        the next task, only for it to go back). With no consumer (after --max-tasks, between channels,
+        while reconnecting) there is nothing to cancel: no task starts anyway, and each task that waits
+        for a thread goes back as a thread reaches it (Outcome.NOT_STARTED)."""
+        channel = self.channel
+        if (
+            self.shutdown.requested is not None
+            and self.shutdown.phase is not Phase.STOPPING
+            and channel is not None
+            and channel.is_open
+            and channel.consumer_tags
+        ):
             self.stop_taking_tasks(Phase.STOPPING)
 
     def stop_taking_tasks(self, phase: Phase) -> None:
@@ -440,8 +450,8 @@ class Worker:
         if channel and channel.is_open:
             for tag in list(channel.consumer_tags):
                 # Cancel first: a task handed back while the consumer still runs would come straight
-                # back to it, and go back a second time. pika returns the deliveries it had not handed
-                # to on_message yet: they go back too (an auto-ack consumer's are ours alone: they run).
+                # back to it, and go back a second time. Deliveries pika had not handed to on_message yet
+                # it rejects itself (requeue); an auto-ack consumer's come back to us: ours alone, they run.
                 for method, properties, body in channel.basic_cancel(tag):
                     self.receive(channel, method, properties, body)
         if phase is Phase.STOPPING and not self.args.auto_ack:
@@ -571,7 +581,7 @@ class Worker:
         A channel that the broker closed took its tasks back: those not started are dropped, the
         running ones' acks are lost. A channel whose consumer the broker cancelled (4.3) stays
         open for its running tasks' acks; its tasks not started go back now, and it is closed once
-        it holds none. A task a consumer timeout took back is not acked, and counted (see on_message)."""
+        it holds none. A task a consumer timeout took back is not acked, and counted (see receive())."""
         if taken_back:
             taken_back.taken_back = True
             self.timed_out[taken_back.identity] = self.timed_out.get(taken_back.identity, 0) + 1
@@ -614,15 +624,17 @@ class Shutdown:
     - TAKING: deliveries come; each is started by a task thread, and acked (or retried, dead-lettered)
       when it ends.
     - LAST_TASKS (--max-tasks reached): the consumer is cancelled; every task taken is started, run and
-      acked; a delivery that still comes goes back (nack).
+      acked; a delivery that still reaches on_message goes back (nack; pika rejects itself the ones it
+      held at the cancel).
     - STOPPING (the first Ctrl+C or SIGTERM): the consumer is cancelled; no task starts; every task held
       and not started goes back (nack), untouched; the running ones finish and are acked; a failed task
       whose retry could not be published goes back (reject). Then the worker exits 0.
     (A second signal is a cold shutdown: the worker exits at once, acking nothing.)
 
     Who writes what: `requested` is written once, by the signal handler, and read by every thread (a
-    task thread asks tasks_may_start() before it starts a task). `phase` belongs to the connection's
-    thread; Worker.stop_taking_tasks() is the one place that changes it and acts on the change.
+    task thread asks tasks_may_start() before it starts a task): from then on the worker is stopping.
+    `phase` belongs to the connection's thread; Worker.stop_taking_tasks() is the one place that changes
+    it and acts on the change, as soon as a consumer runs to be cancelled (Worker.act_on_stop).
     """
 
     def __init__(self, auto_ack: bool):
@@ -711,14 +723,15 @@ def main() -> int:
         args.consumer_timeout = rounds * args.time_limit + 60
     for url in workqueue.broker_urls(args.url):
         workqueue.connection_parameters(url)  # a bad URL is a usage error, before connecting
+    make_task = (load_task, args.task) if args.task else (dot_task, args.dot_seconds)
+    task = make_task[0](make_task[1])  # a --task that cannot be loaded: a usage error, before anything starts
     if args.auto_ack:
         LOGGER.warning("auto-ack: the broker forgets each task when it is delivered; a crash loses it")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where is each thread stuck?
     console = Console(args.name, show_threads=args.concurrency > 1)
     metrics = serve_metrics(args) if args.metrics_port else NoMetrics()
     shutdown = Shutdown(args.auto_ack)
-    make_task = (load_task, args.task) if args.task else (dot_task, args.dot_seconds)
-    tasks = TaskPool(args, make_task, console, metrics, may_start=shutdown.tasks_may_start)
+    tasks = TaskPool(args, task, make_task, console=console, metrics=metrics, may_start=shutdown.tasks_may_start)
     worker = Worker(args, tasks, console, metrics, shutdown)
     tasks.wake = worker.wake
     signal.signal(signal.SIGINT, worker.on_signal)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import queue
@@ -16,6 +17,7 @@ import pytest
 
 import bench
 import policy
+import taskpool
 import workqueue
 from new_task import END, NACK_RETRIES, LineReader, Outbox, queued
 from policy import Returns, retries_of, returns_of
@@ -446,7 +448,6 @@ DECISIONS = [
     # Its retry or dead letter could not be published: held and tried again; at a shutdown, back (reject).
     ("4.3", None, F, {"unrecorded": True}, DEFAULT, (policy.Act.HOLD,)),
     ("4.3", None, F, {"unrecorded": True, "stopping": True}, DEFAULT, (policy.Act.REJECT,)),
-    ("4.3", {"x-delivery-count": 4}, ARRIVED, {"unrecorded": True}, DEFAULT, (policy.Act.HOLD,)),  # a guard's
     # A warm shutdown came before a thread took it: back, untouched (a nack), unless its channel is gone.
     ("4.3", None, NS, {"stopping": True}, DEFAULT, (policy.Act.HAND_BACK,)),
     ("4.3", None, NS, {"stopping": True, "channel_open": False}, DEFAULT, (policy.Act.DROPPED,)),
@@ -479,4 +480,12 @@ def test_what_becomes_of_a_delivery(release, headers, outcome, state, options, e
 def test_the_one_private_pika_call_is_still_there():
     """new_task.abandon() drops a connection whose close is never answered with pika's private
     _terminate_stream (pika 1.4 has no public call): a pika release without it fails here, loudly."""
-    assert callable(getattr(pika.SelectConnection, "_terminate_stream", None)), pika.__version__
+    terminate = getattr(pika.SelectConnection, "_terminate_stream", None)
+    assert callable(terminate), pika.__version__
+    assert list(inspect.signature(terminate).parameters) == ["self", "error"], pika.__version__
+
+
+def test_a_task_module_named_like_one_of_the_workers_own_is_refused_with_why():
+    """import_module would return the worker's own policy.py, not the user's policy.py: say so."""
+    with pytest.raises(workqueue.UsageError, match="policy is a module of this worker"):
+        taskpool.load_task("policy:decide")

@@ -29,6 +29,7 @@ import workqueue
 from policy import Outcome, Past
 
 CHILD_START_SECONDS = 60.0  # a child process (--isolation process) must be ready to take tasks by then
+HERE = os.path.dirname(os.path.abspath(__file__))  # where the worker's own modules are
 
 
 def load_task(spec: str) -> Callable[[bytes], object]:
@@ -36,6 +37,12 @@ def load_task(spec: str) -> Callable[[bytes], object]:
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise workqueue.UsageError(f"--task wants MODULE:FUNCTION, not {spec!r}")
+    already = sys.modules.get(module_name)
+    if already is not None and os.path.dirname(os.path.abspath(getattr(already, "__file__", None) or "/")) == HERE:
+        # import_module would hand back ours (policy, taskpool, metrics, ...), not the user's module of that name.
+        raise workqueue.UsageError(
+            f"--task {spec}: {module_name} is a module of this worker ({module_name}.py); give yours another name"
+        )
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
@@ -136,15 +143,17 @@ class TaskPool:
     def __init__(
         self,
         args: argparse.Namespace,
+        task: Callable[[bytes], object],
         make_task: tuple[Callable, object],
+        *,
         console: Console,
         metrics,
         may_start: Callable[[], bool] = lambda: True,
     ):
-        # (function, argument): function(argument) is the task, made here and in each child process
-        # (which imports it on its own): (load_task, "MODULE:FUNCTION") or (worker.dot_task, seconds).
+        self.task = task
+        # How a child process (--isolation process) makes the task, importing it on its own: function(argument),
+        # (load_task, "MODULE:FUNCTION") or (worker.dot_task, seconds).
         self.make_task = make_task
-        self.task = make_task[0](make_task[1])  # a --task that cannot be loaded: a UsageError, before any thread
         self.console = console
         self.metrics = metrics
         self.max_retries = args.max_retries
