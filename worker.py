@@ -839,7 +839,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics-port",
-        type=workqueue.number(int, minimum=1),
+        type=workqueue.number(int, minimum=1, maximum=65535),
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics and a health check at /healthz",
     )

@@ -485,8 +485,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def number(kind: Callable[[str], float], minimum: float = 0) -> Callable[[str], float]:
-    """An argparse type: a number of `kind` (int or float), at least `minimum`, finite."""
+def number(kind: Callable[[str], float], minimum: float = 0, maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` (int or float), at least `minimum` (at most `maximum`), finite."""
 
     def parse(text: str):
         try:
@@ -495,6 +495,8 @@ def number(kind: Callable[[str], float], minimum: float = 0) -> Callable[[str], 
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not minimum <= value < float("inf"):  # also refuses NaN
             raise argparse.ArgumentTypeError(f"must be {minimum} or more: {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be {maximum} or less: {text}")
         return value
 
     parse.__name__ = kind.__name__
