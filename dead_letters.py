@@ -24,8 +24,9 @@ examples:
   python dead_letters.py purge --queue emails   # drop the dead tasks of emails.dlq
 """
 
-# What worker.py wrote on a task while it failed: a replayed task starts afresh (and without the broker's).
-FAILURE_HEADERS = ("x-retries", "x-error", "x-original-queue", "x-failed-at", "x-unfinished-runs")
+# What worker.py wrote on a task as it failed, and when it was due: a replayed task starts afresh (and without
+# the broker's headers).
+FAILURE_HEADERS = ("x-retries", "x-error", "x-original-queue", "x-failed-at", "x-unfinished-runs", "x-due-at")
 
 
 def make_argument_parser() -> argparse.ArgumentParser:

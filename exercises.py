@@ -535,6 +535,70 @@ def retry_backoff(lab: Lab) -> tuple[Outcome, str]:
     )
 
 
+def delay(lab: Lab) -> tuple[Outcome, str]:
+    """Tasks for later: each waits in the broker, not in a worker, and starts at its due time."""
+    plan = {"remind in 1s": 1, "remind in 2s": 2, "remind in 4s": 4}
+    delay_queues = [workqueue.delay_queue(lab.queue, seconds) for seconds in plan.values()]
+    lab.wait_queues |= set(delay_queues)  # removed with the experiment's queue
+    worker = lab.worker("w1")
+    for task, seconds in plan.items():
+        lab.send([task], "--delay", str(seconds))
+    held = lab.counts()
+    show_counts(lab, "while they wait", [lab.queue, *delay_queues])
+    lab.note("stopping w1 while the tasks wait, then starting it again")
+    worker.stop()
+    lab.worker("w1")
+    lab.wait_until_done(list(plan))
+    late = {
+        m[1]: float(m[2])
+        for w in lab.workers
+        for _, line in w.events
+        if (m := re.search(r"Received '([^']*)'.*\(due [\d:]+, ([\d.]+)s late\)", line))
+    }
+    result = outcome(lab)
+    starts = ", ".join(f"'{task}' {late.get(task, float('nan')):.1f}s" for task in plan)
+    return result, (
+        f"{result.done} of {len(plan)} tasks done, each after its due time: {starts} late. While they waited no "
+        f"worker held them ({lab.queue}: {held[1] if held and held[1] >= 0 else '?'} unacked; each waited in "
+        f"{lab.queue}.delay.<S>s, whose TTL moved it to {lab.queue} at its time), so stopping w1 lost nothing."
+    )
+
+
+def priority(lab: Lab) -> tuple[Outcome, str]:
+    """Urgent tasks overtake a backlog: RabbitMQ 4's quorum queues take high-priority tasks first."""
+    with pika.BlockingConnection(workqueue.connection_parameters(lab.url)) as connection:
+        version = workqueue.broker_version(connection)
+    if version < (4,):
+        refused = subprocess.run(
+            [sys.executable, str(HERE / "new_task.py"), "--url", lab.url, "--queue", lab.queue, "--priority", "high",
+             "urgent"], check=False, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        print(f"  new_task.py --priority high: exit {refused.returncode}: {refused.stderr.strip()}")
+        return outcome(lab), (
+            f"RabbitMQ {'.'.join(map(str, version))}'s quorum queues ignore priorities, so new_task.py refuses "
+            f"--priority high there (exit {refused.returncode}) rather than send one that nothing reads. Run this "
+            "on RabbitMQ 4 (./run.sh demo --rabbitmq 4.3 starts one; exercises.py --url ...)."
+        )
+    worker = lab.worker("w1")
+    busy = "busy" + "." * max(5, round(2 / max(lab.dot_seconds, 0.01)))  # 2 s at least: the backlog builds meanwhile
+    lab.send([busy])
+    worker.wait_for(r"Received 'busy")
+    backlog = [f"backlog {n}." for n in range(1, 7)]
+    urgent = ["URGENT 1.", "URGENT 2."]
+    lab.send(backlog)
+    lab.send(urgent, "--priority", "high")
+    in_time = busy not in worker.done()  # all waiting before w1 was free, or the experiment shows nothing
+    lab.wait_until_done([*backlog, *urgent, busy])
+    order = [task for _, _, task, _, _ in sorted(worker.spans()) if task != busy]
+    places = " and ".join(str(order.index(task) + 1) for task in urgent)
+    late = "" if in_time else " (but w1 was free before they were all sent: try a larger --dot-seconds)"
+    return outcome(lab), (
+        f"The {len(urgent)} urgent tasks, sent after {len(backlog)} waiting ones, started {places} of "
+        f"{len(order)} once w1 was free{late} (a quorum queue serves high and normal about 2:1, so a backlog "
+        "still moves)."
+    )
+
+
 DEMO_TASKS = [
     "Send welcome e-mail.", "Resize photo......", "Make thumbnail..", "Render report..........", "Ping.",
     "Transcode video........", "Send invoice...", "Index document.", "Crop avatar....",
@@ -567,6 +631,8 @@ EXPERIMENTS: dict[str, Callable[[Lab], tuple[Outcome, str]]] = {
     "hung-task": hung_task,
     "crash-loop": crash_loop,
     "retry-backoff": retry_backoff,
+    "delay": delay,
+    "priority": priority,
     "demo": demo,
 }
 
@@ -650,7 +716,7 @@ def main() -> int:
             try:
                 result, verdict = EXPERIMENTS[name](lab)
                 print("\n  timeline:\n" + timeline(lab))
-                if name not in ("broker-restart", "poison", "hung-task", "crash-loop", "retry-backoff"):
+                if name not in ("broker-restart", "poison", "hung-task", "crash-loop", "retry-backoff", "priority"):
                     show_counts(lab, "after")
                 print(f"\n  verdict: {verdict}\n", flush=True)
                 if args.json:

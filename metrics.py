@@ -58,6 +58,14 @@ class Metrics:
         self.seconds = prom.Histogram(
             "workqueue_task_seconds", "Time each task ran", ["queue"], registry=self.registry
         ).labels(queue)
+        self.waited = prom.Histogram(
+            "workqueue_task_queue_wait_seconds",
+            "Time a task waited for a worker: from its publish (or its due time, for a delayed task or a retry) "
+            "to its start; tasks without a timestamp are not counted",
+            ["queue"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=self.registry,
+        ).labels(queue)
         self.in_progress = prom.Gauge(
             "workqueue_tasks_in_progress", "Tasks running now", ["queue"], registry=self.registry
         ).labels(queue)
@@ -99,8 +107,10 @@ class Metrics:
     def settled(self, outcome: str) -> None:
         self.tasks.labels(self.queue, outcome).inc()
 
-    def task_started(self) -> None:
+    def task_started(self, waited: float | None = None) -> None:
         self.in_progress.inc()
+        if waited is not None:
+            self.waited.observe(waited)
 
     def task_ran(self, seconds: float) -> None:
         self.in_progress.dec()
@@ -124,7 +134,7 @@ class NoMetrics:
     def settled(self, outcome: str) -> None:
         pass
 
-    def task_started(self) -> None:
+    def task_started(self, waited: float | None = None) -> None:
         pass
 
     def task_ran(self, seconds: float) -> None:

@@ -4,18 +4,25 @@
 Every dot in a task is one second of work for worker.py. Messages are
 persistent and the queue durable, so tasks survive a broker restart; a task
 counts as sent only once the broker confirmed it (publisher confirms).
+
+--delay S (or --at TIME) sends it to a delay queue, <queue>.delay.<S>s, whose TTL moves it to the
+work queue at its time: until then it waits in the broker, held by no worker. --priority high
+puts it before the waiting tasks, on RabbitMQ 4's quorum queues.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import queue
+import re
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timedelta
 
 import pika
 from pika.adapters.select_connection import IOLoop
@@ -31,6 +38,8 @@ CLOSE_TIMEOUT = 5.0  # seconds a broker has to answer our close before we drop t
 READ_CHUNK = 64 * 1024  # bytes read from the input at a time: a fast input comes in batches of lines
 READ_AHEAD = 4  # batches of lines read but not yet published, at most
 NACK_RETRIES = 6  # a nacked message is sent again this many times before it counts as failed
+PRIORITIES = {"normal": None, "high": 9}  # RabbitMQ 4's quorum queues serve 5 and above as high, the rest as normal
+RENEW_DELAY_QUEUE = 600.0  # seconds between declarations of a delay queue while publishing: its x-expires lease
 
 EXAMPLES = """\
 examples:
@@ -40,6 +49,9 @@ examples:
   seq 1000000 | python new_task.py --file -
   tail -f jobs.log | python new_task.py --file -   # each new line is sent as it comes
   python new_task.py --queue-type classic --transient Lost on restart...
+  python new_task.py --delay 600 Send the reminder.   # no worker sees it for 10 minutes
+  python new_task.py --at 18:30 Send the report.      # the next 18:30, local time
+  python new_task.py --priority high Urgent.          # before the waiting normal tasks (RabbitMQ 4)
 """
 
 
@@ -64,6 +76,27 @@ def make_argument_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="non-persistent messages: lost when a classic queue's broker restarts",
     )
+    later = parser.add_mutually_exclusive_group()
+    later.add_argument(
+        "--delay",
+        type=workqueue.non_negative(float),
+        default=0,
+        metavar="S",
+        help="no worker sees the task for S seconds (rounded up to whole seconds); it waits in the broker, "
+        "in <queue>.delay.<S>s, which goes away an hour after its last use",
+    )
+    later.add_argument(
+        "--at",
+        metavar="TIME",
+        help="no worker sees the task before TIME: HH:MM or HH:MM:SS (the next one, local time), "
+        "or a date and time such as 2026-12-24T18:00 (local unless it names its offset)",
+    )
+    parser.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        default="normal",
+        help="high: workers take it before the waiting normal tasks (a quorum queue on RabbitMQ 4.0 or later)",
+    )
     parser.add_argument(
         "--connect-timeout",
         type=workqueue.non_negative(float),
@@ -74,6 +107,31 @@ def make_argument_parser() -> argparse.ArgumentParser:
     workqueue.add_connection_arguments(parser)
     workqueue.add_queue_arguments(parser)
     return parser
+
+
+def seconds_until(text: str, now: datetime) -> float:
+    """--at: seconds from `now` (aware, local) to TIME: HH:MM[:SS] the next time the clock shows it,
+    or an ISO 8601 date and time (local unless it gives an offset), which must not be past."""
+    clock = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", text.strip())
+    if clock:
+        hour, minute, second = (int(part or 0) for part in clock.groups())
+        if hour > 23 or minute > 59 or second > 59:
+            raise workqueue.UsageError(f"--at {text}: not a time of day")
+        when = now.replace(hour=hour, minute=minute, second=second, microsecond=0)
+        if when <= now:
+            when += timedelta(days=1)  # that time has passed today: tomorrow's
+        return (when - now).total_seconds()
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise workqueue.UsageError(
+            f"--at {text}: want HH:MM, HH:MM:SS or a date and time like 2026-12-24T18:00"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a local time
+    if when < now:
+        raise workqueue.UsageError(f"--at {text}: that time has passed")
+    return (when - now).total_seconds()
 
 
 END = None  # the input's last item in a line queue: no more lines
@@ -231,13 +289,18 @@ class Publisher:
     ioloop serves each session in turn, so a wake always reaches the current one.
     """
 
-    def __init__(self, *, urls, queue, queue_type, persistent, outbox, connect_timeout, show_progress):
+    def __init__(
+        self, *, urls, queue, queue_type, persistent, outbox, connect_timeout, show_progress, delay=0, priority=None
+    ):
         self.urls = urls
         self.queue = queue
         self.queue_type = queue_type
-        self.properties = pika.BasicProperties(
-            delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient
-        )
+        self.delivery_mode = pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient
+        self.delay = delay  # whole seconds each task waits in the delay queue before a worker may take it
+        self.priority = priority
+        # Where the tasks go: the work queue, or a delay queue whose TTL moves each one there at its time.
+        self.target = workqueue.delay_queue(queue, delay) if delay else queue
+        self.stamped: tuple[int, pika.BasicProperties] = (-1, pika.BasicProperties())  # see properties()
         self.outbox = outbox
         self.connect_timeout = connect_timeout
         self.show_progress = show_progress
@@ -281,6 +344,23 @@ class Publisher:
     def publish_more(self) -> None:
         self.session.publish_more()
 
+    def properties(self) -> pika.BasicProperties:
+        """The next message's properties: persistent (or not), its priority, the time it is published
+        (whole seconds: the worker's queue-wait metric starts there) and, delayed, when it is due."""
+        now = time.time()
+        if self.delay:
+            due = {"x-due-at": round((now + self.delay) * 1000)}  # the worker shows how late it started
+            return pika.BasicProperties(
+                delivery_mode=self.delivery_mode, priority=self.priority, timestamp=int(now), headers=due
+            )
+        second, properties = self.stamped
+        if second != int(now):  # one object a second, shared by the messages of that second
+            properties = pika.BasicProperties(
+                delivery_mode=self.delivery_mode, priority=self.priority, timestamp=int(now)
+            )
+            self.stamped = (int(now), properties)
+        return properties
+
     def warn(self, message: str, *args) -> None:
         """A warning on a line of its own: the progress line, if shown, is wiped first."""
         if self.show_progress:
@@ -301,7 +381,8 @@ class Session:
         self.ioloop = publisher.ioloop
         self.url = url
         self.channel = None
-        self.declared = False  # the queue is declared: a 406 from now on is not about its arguments
+        self.declaring: str | None = None  # the queue being declared: a 406 now is about its arguments
+        self.declared = False  # every queue is declared: a 406 from now on is not about their arguments
         self.ready = False  # its channel is in confirm mode and not closing: publish_more may publish
         self.blocked = False  # the broker blocked it (a memory or disk alarm): waiting is not a failure
         self.nacked_here = False  # the broker nacked on it: publish nothing more here, reconnect
@@ -324,6 +405,14 @@ class Session:
 
     def on_connection_open(self, connection):
         """Connected: open a channel, and hear when the broker blocks or unblocks publishing."""
+        version = workqueue.broker_version(connection)
+        if self.publisher.priority is not None and version < (4,):
+            self.publisher.fatal = workqueue.UsageError(
+                f"--priority high: the quorum queues of RabbitMQ {'.'.join(map(str, version))} ignore priorities "
+                "(4.0 and later take high before normal); nothing sent"
+            )
+            connection.close()
+            return
         connection.add_on_connection_blocked_callback(self.on_blocked)
         connection.add_on_connection_unblocked_callback(self.on_unblocked)
         connection.channel(on_open_callback=self.on_channel_open)
@@ -398,8 +487,8 @@ class Session:
         fatal; anything else: reconnect."""
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             publisher = self.publisher
-            if reason.reply_code == 406 and not self.declared:
-                publisher.fatal = workqueue.queue_mismatch(publisher.queue, reason.reply_text)
+            if reason.reply_code == 406 and not self.declared:  # on declaring the work queue, or its delay queue
+                publisher.fatal = workqueue.queue_mismatch(self.declaring, reason.reply_text)
             elif reason.reply_code == 406:  # a message the broker will never take (larger than max_message_size)
                 publisher.fatal = workqueue.NotConfirmed(
                     f"the broker refused a message and closed the channel ({workqueue.describe(reason)}); "
@@ -411,9 +500,25 @@ class Session:
         self.close()
 
     def on_queue_declared(self, _frame):
-        """Queue ready: turn on publisher confirms."""
+        """Queue ready: declare the delay queue (with --delay or --at), then turn on publisher confirms."""
+        if self.publisher.delay and self.declaring != self.publisher.target:
+            self.declaring = self.publisher.target
+            self.declare_delay_queue(callback=self.on_queue_declared)
+            return
         self.declared = True
         self.channel.confirm_delivery(ack_nack_callback=self.on_confirm, callback=self.on_confirm_mode)
+
+    def declare_delay_queue(self, callback=None):
+        """Declare the delay queue: again every RENEW_DELAY_QUEUE seconds while we publish, which renews
+        its x-expires lease (a publish does not), so that it never expires under a long publish."""
+        publisher = self.publisher
+        self.channel.queue_declare(
+            queue=publisher.target,
+            durable=True,
+            arguments=workqueue.delay_queue_arguments(publisher.queue, publisher.queue_type, publisher.delay),
+            callback=callback,
+        )
+        self.call_later("renew", RENEW_DELAY_QUEUE, self.declare_delay_queue)
 
     def on_confirm_mode(self, _frame):
         """Confirms on: start publishing, and show progress on a terminal."""
@@ -446,9 +551,9 @@ class Session:
         while (body := self.outbox.take()) is not None:
             self.channel.basic_publish(
                 exchange="",
-                routing_key=self.publisher.queue,
+                routing_key=self.publisher.target,
                 body=body,
-                properties=self.publisher.properties,
+                properties=self.publisher.properties(),
                 mandatory=True,  # an unroutable message comes back instead of vanishing
             )
         if self.outbox.finished:
@@ -500,6 +605,12 @@ def main() -> int:
         workqueue.connection_parameters(url)  # a bad URL is a usage error, before anything is sent
     if args.transient and args.queue_type == "quorum":
         LOGGER.warning("--transient has no effect on a quorum queue: it keeps every message on disk")
+    delay = math.ceil(seconds_until(args.at, datetime.now().astimezone()) if args.at else args.delay)
+    if args.priority == "high" and args.queue_type == "classic":
+        raise workqueue.UsageError(
+            "--priority high: a classic queue takes priorities only when declared with x-max-priority, which "
+            f"'{args.queue}' is not; use a quorum queue (RabbitMQ 4.0 or later); nothing sent"
+        )
 
     reader = None
     if args.file:
@@ -526,6 +637,8 @@ def main() -> int:
         outbox=outbox,
         connect_timeout=args.connect_timeout,
         show_progress=bool(args.file) and sys.stderr.isatty(),
+        delay=delay,
+        priority=PRIORITIES[args.priority],
     )
     if reader:
         reader.start(wake=publisher.wake)
@@ -545,12 +658,16 @@ def main() -> int:
             f"{failed} of {outbox.published - outbox.resent} message(s) not taken by the broker "
             f"({outbox.nacked} nacked, {outbox.returned} unroutable)"
         )
+    due = ""
+    if delay:
+        at = (datetime.now() + timedelta(seconds=delay)).strftime("%H:%M:%S")
+        due = f", due in {delay}s (about {at}; waiting in {publisher.target})"
     if args.file:
-        print(f" [x] Sent {workqueue.plural(outbox.confirmed - outbox.returned, 'message')}, all confirmed")
+        print(f" [x] Sent {workqueue.plural(outbox.confirmed - outbox.returned, 'message')}, all confirmed{due}")
         if outbox.resent:
             print(f" [x] {outbox.resent:,} were sent again after a connection drop or a nack (possible duplicates)")
     else:
-        print(f" [x] Sent '{workqueue.printable(message)}'")  # as the worker shows it: escape sequences inert
+        print(f" [x] Sent '{workqueue.printable(message)}'{due}")  # as the worker shows it: escape sequences inert
     return workqueue.EXIT_OK
 
 

@@ -58,18 +58,44 @@ def is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def due_of(properties) -> tuple[float | None, str | None]:
+    """When the task was due, in seconds since the epoch: our x-due-at header (milliseconds; set by
+    new_task.py --delay and on a retry), else None; and a complaint if the header is not a time."""
+    value = (properties.headers or {}).get("x-due-at")
+    if value is None:
+        return None, None
+    if is_count(value):
+        return value / 1000, None
+    return None, f"ignoring header x-due-at={value!r}: not a time in milliseconds"
+
+
+def queued_since(properties, due: float | None) -> float | None:
+    """Since when the task has been waiting for a worker: its due time, else when it was published (the
+    timestamp property, whole seconds: new_task.py sets it), else None (unknown)."""
+    if due is not None:
+        return due
+    return properties.timestamp if is_count(properties.timestamp) else None
+
+
+def is_high_priority(properties) -> bool:
+    """RabbitMQ 4's quorum queues serve priorities above 4 as high, the rest as normal."""
+    return is_count(properties.priority) and properties.priority > 4
+
+
 class Past(NamedTuple):
     """What the worker knows of a delivery's past when it decides."""
 
     retries: int = 0  # failed runs before (our x-retries header)
     returns: Returns = Returns()  # came back unsettled (the broker's headers)
     timed_out: int = 0  # taken back from this worker by the broker's consumer timeout (its own count: 4.3 has none)
+    due: float | None = None  # when it was due (x-due-at), in seconds since the epoch
 
 
 def past_of(properties, timed_out: int = 0) -> tuple[Past, str | None]:
     """The Past in a message's headers, and a complaint about a header that is not what it should be."""
     retries, complaint = retries_of(properties)
-    return Past(retries, returns_of(properties), timed_out), complaint
+    due, due_complaint = due_of(properties)
+    return Past(retries, returns_of(properties), timed_out, due), complaint or due_complaint
 
 
 # --- The decision ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
 import workqueue
-from policy import Outcome, Past
+from policy import Outcome, Past, is_high_priority, queued_since
 
 CHILD_START_SECONDS = 60.0  # a child process (--isolation process) must be ready to take tasks by then
 HERE = os.path.dirname(os.path.abspath(__file__))  # where the worker's own modules are
@@ -260,8 +260,14 @@ class TaskPool:
         again = " (redelivered)" if delivery.redelivered else ""
         if returns > 1:
             again = f" (redelivered {returns} times)"
-        self.console.say(f"[x] Received '{delivery.label}'{attempt}{again}", thread)
-        self.metrics.task_started()
+        priority = " (high priority)" if is_high_priority(delivery.properties) else ""
+        late = ""
+        if delivery.past.due is not None:  # a delayed task (new_task.py --delay), or a retry: when it was due
+            due = time.strftime("%H:%M:%S", time.localtime(delivery.past.due))
+            late = f" (due {due}, {max(0.0, time.time() - delivery.past.due):.1f}s late)"
+        self.console.say(f"[x] Received '{delivery.label}'{priority}{attempt}{again}{late}", thread)
+        since = queued_since(delivery.properties, delivery.past.due)
+        self.metrics.task_started(waited=None if since is None else max(0.0, time.time() - since))
         if self.in_process:
             try:
                 why, seconds = self.local.child.run(delivery.body, self.time_limit)

@@ -326,6 +326,7 @@ class Worker:
         headers["x-retries"] = decision.retry  # a retry's number; for a dead letter, the runs that failed before
         if decision.act is Act.RETRY:
             retry, delay = decision.retry, decision.delay
+            headers["x-due-at"] = round((time.time() + delay) * 1000)  # its start shows how late it came
             if delay:
                 target = workqueue.wait_queue(self.args.queue, delay)
                 due = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))

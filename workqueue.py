@@ -373,9 +373,11 @@ def without_broker_headers(headers: dict | None) -> dict:
     }
 
 
-def broker_version(connection: pika.BlockingConnection) -> tuple[int, ...]:
-    """The broker's version, (4, 3, 6) say, from what it announced when we connected; (0,) if unknown."""
-    version = connection._impl.server_properties.get("version", b"")  # pika has no public accessor
+def broker_version(connection) -> tuple[int, ...]:
+    """The broker's version, (4, 3, 6) say, from what it announced when we connected; (0,) if unknown.
+    A BlockingConnection or a SelectConnection."""
+    impl = getattr(connection, "_impl", connection)  # a BlockingConnection's SelectConnection
+    version = impl.server_properties.get("version", b"")  # pika has no public accessor
     text = version.decode(errors="replace") if isinstance(version, bytes) else str(version)
     numbers = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
     return tuple(int(n) for n in numbers.groups() if n is not None) if numbers else (0,)
@@ -470,6 +472,21 @@ def wait_queue_arguments(queue: str, queue_type: str, delay: float) -> dict:
     if queue_type == "quorum":  # quorum queues dead-letter at most once unless told otherwise
         arguments.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
     return arguments
+
+
+DELAY_QUEUE_LINGER = 3600  # seconds a delay queue stays after its last use (and its last task's due time)
+
+
+def delay_queue(queue: str, seconds: int) -> str:
+    """Where a task of `queue` published with new_task.py --delay waits: task_queue.delay.600s."""
+    return f"{queue}.delay.{seconds}s"
+
+
+def delay_queue_arguments(queue: str, queue_type: str, seconds: int) -> dict:
+    """A delay queue is a wait queue (see wait_queue_arguments) that removes itself an hour after it
+    was last declared (x-expires; each new_task.py declares it, and renews it while it publishes), so
+    that many distinct delays leave no queues behind."""
+    return {**wait_queue_arguments(queue, queue_type, seconds), "x-expires": (seconds + DELAY_QUEUE_LINGER) * 1000}
 
 
 # --- Command line and logging ---------------------------------------------------

@@ -44,7 +44,8 @@ def test_every_experiment_runs_and_is_listed(all_experiments):
     outcomes, sections = all_experiments
     listed = run_script("exercises.py", "--list", env={}).stdout
     for name in ("round-robin", "fair-dispatch", "auto-ack-loses", "manual-ack-redelivers", "broker-restart",
-                 "poison", "scale-out", "concurrency", "hung-task", "crash-loop", "retry-backoff"):  # fmt: skip
+                 "poison", "scale-out", "concurrency", "hung-task", "crash-loop", "retry-backoff", "delay",
+                 "priority"):  # fmt: skip
         assert name in outcomes and name in sections and name in listed
         assert "timeline:" in sections[name] and "verdict:" in sections[name]
         result = outcomes[name]
@@ -158,3 +159,19 @@ def test_on_a_broker_of_yours_all_skips_the_restart_and_leaves_no_queue(env, bro
     refused = run_script("exercises.py", "broker-restart", "--url", broker.url, env=env)
     assert refused.returncode == 2 and "runs only on a throwaway node" not in refused.stderr
     assert "run it on a throwaway node (without --url, --local or AMQP_URL)" in refused.stderr
+
+
+def test_delayed_tasks_wait_in_the_broker_and_urgent_ones_overtake_a_backlog(all_experiments):
+    outcomes, sections = all_experiments
+    result = outcomes["delay"]
+    assert (result["done"], result["lost"], result["redelivered"]) == (3, 0, 0)
+    assert re.search(r"\(ex_delay_\d+: 0 unacked;", sections["delay"])  # while they waited, as rabbitmqctl said
+    # Each started after its due time, by the worker's own account ("nan" if it did not say).
+    assert re.search(r"'remind in 1s' [\d.]+s, 'remind in 2s' [\d.]+s, 'remind in 4s' [\d.]+s late", sections["delay"])
+    assert queue_after(sections["delay"]) == (0, 0)
+    priority = sections["priority"]
+    if "refuses" in priority:  # RabbitMQ 3.10
+        assert "exit 2" in priority and outcomes["priority"]["sent"] == 0
+    else:
+        assert re.search(r"started [12] and [23] of 8 once w1 was free \(", priority), priority
+        assert outcomes["priority"]["lost"] == 0

@@ -51,6 +51,19 @@ def test_counters_are_exact_after_a_known_mix_of_tasks(env, queue, start, broker
     assert sample(text, "workqueue_reconnects_total") == 0
 
 
+def test_the_queue_wait_is_counted_from_the_publish_or_from_the_due_time(env, queue, start, broker):
+    """What an operator scales on: how long tasks waited for a worker. A delayed task waited from its due
+    time, not from its publish (or every delayed task would look late)."""
+    port = free_port()
+    worker = start_worker(start, queue, "--metrics-port", str(port))
+    publish(env, queue, "now.")
+    publish(env, queue, "later.", extra=("--delay", "4"))
+    worker.wait_for(r"Done 'later\.'", timeout=30)
+    _, text = get(port, "/metrics")
+    assert sample(text, "workqueue_task_queue_wait_seconds_count", queue=queue) == 2
+    assert sample(text, "workqueue_task_queue_wait_seconds_sum", queue=queue) < 4  # from publish: 4 s at least
+
+
 @pytest.mark.parametrize("ack", ["manual", "auto"])
 def test_a_timed_out_task_is_counted(env, queue, start, broker, ack):
     port = free_port()

@@ -10,12 +10,14 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pika
 import pytest
 
 import bench
+import new_task
 import policy
 import taskpool
 import workqueue
@@ -489,3 +491,35 @@ def test_a_task_module_named_like_one_of_the_workers_own_is_refused_with_why():
     """import_module would return the worker's own policy.py, not the user's policy.py: say so."""
     with pytest.raises(workqueue.UsageError, match="policy is a module of this worker"):
         taskpool.load_task("policy:decide")
+
+
+def test_at_means_the_next_such_time_or_a_date_not_past():
+    now = datetime(2026, 11, 30, 22, 0, 0, tzinfo=timezone.utc)
+    assert new_task.seconds_until("22:10", now) == 600
+    assert new_task.seconds_until("21:59:30", now) == 24 * 3600 - 30  # passed today: tomorrow's
+    assert new_task.seconds_until("2026-11-30T23:00:00+00:00", now) == 3600
+    with pytest.raises(workqueue.UsageError, match="that time has passed"):
+        new_task.seconds_until("2026-11-30T21:00:00+00:00", now)
+    for bad in ("24:00", "soon", "7pm"):
+        with pytest.raises(workqueue.UsageError, match="--at"):
+            new_task.seconds_until(bad, now)
+
+
+def test_a_delay_queue_is_a_wait_queue_that_goes_away_an_hour_after_its_last_use():
+    arguments = workqueue.delay_queue_arguments("task_queue", "quorum", 600)
+    assert arguments["x-message-ttl"] == 600_000 and arguments["x-dead-letter-routing-key"] == "task_queue"
+    assert arguments["x-expires"] == (600 + 3600) * 1000
+    assert workqueue.delay_queue("task_queue", 600) == "task_queue.delay.600s"
+    assert new_task.RENEW_DELAY_QUEUE < workqueue.DELAY_QUEUE_LINGER  # renewed long before it could expire
+
+
+def test_the_due_time_and_the_wait_since_come_from_headers_and_the_timestamp():
+    due = pika.BasicProperties(headers={"x-due-at": 1_700_000_000_500}, timestamp=1_699_999_000)
+    assert policy.due_of(due) == (1_700_000_000.5, None)
+    assert policy.queued_since(due, 1_700_000_000.5) == 1_700_000_000.5  # a delayed task: from its due time
+    plain = pika.BasicProperties(timestamp=1_699_999_000)
+    assert policy.queued_since(plain, None) == 1_699_999_000  # else from its publish
+    assert policy.queued_since(pika.BasicProperties(), None) is None  # the tutorial's new_task sets neither
+    assert policy.due_of(pika.BasicProperties(headers={"x-due-at": "soon"}))[1].startswith("ignoring header x-due-at")
+    assert policy.is_high_priority(pika.BasicProperties(priority=9))
+    assert not policy.is_high_priority(pika.BasicProperties(priority=4))

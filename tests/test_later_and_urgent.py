@@ -1,0 +1,97 @@
+"""new_task.py --delay / --at (a task that waits in the broker until its time) and --priority high
+(a task taken before the waiting ones, on RabbitMQ 4's quorum queues): on a real broker, every release."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pika
+import pytest
+from conftest import publish, rabbitmq_version, ready_count, run_script, start_worker, wait_until
+from test_work_queue import assert_one_line_error
+
+pytestmark = pytest.mark.queue_semantics  # ./run.sh test runs these on 4.0 too
+
+
+def received_at(worker, task: str) -> float:
+    return worker.times(rf"Received '{re.escape(task)}'")[0]
+
+
+def test_a_delayed_task_waits_in_the_broker_and_starts_at_its_time(env, queue, start, broker):
+    worker = start_worker(start, queue)
+    sent = time.monotonic()
+    result = run_script("new_task.py", "--queue", queue, "--delay", "10", "Remind me.", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "due in 10s (about " in result.stdout and f"waiting in {queue}.delay.10s" in result.stdout
+    publish(env, queue, *[f"later {n}" for n in range(20)], extra=("--delay", "10"))  # a bulk publish, delayed
+    # While they wait, no worker holds them: they are ready in the delay queue, and the worker has none.
+    assert worker.count("Received") == 0 and ready_count(broker.url, f"{queue}.delay.10s") == 21
+    assert broker.queue_counts(queue)[1] == 0  # rabbitmqctl, as a user would check: messages_unacknowledged
+    assert time.monotonic() < sent + 10, "the checks took longer than the delay: they show nothing"
+    worker.wait_for(r"Done 'later 19'", timeout=30)
+    worker.wait_for(r"Done 'Remind me\.'", timeout=30)
+    started = received_at(worker, "Remind me.")
+    assert started >= sent + 10, "started before its time"
+    lateness = float(re.search(r"Received 'Remind me\.' \(due [\d:]+, ([\d.]+)s late\)", worker.output)[1])
+    assert lateness < 3.0, worker.output  # about a second at most on a quiet machine; this one may be busy
+    assert worker.count("Received") == 21 and ready_count(broker.url, f"{queue}.delay.10s") == 0
+    # The delay queue removes itself an hour after its last use (x-expires): many delays leave no queues behind.
+    listed = broker.rabbitmqctl("list_queues", "name", "arguments", "--quiet", "--no-table-headers")
+    line = next(line for line in listed.splitlines() if line.startswith(f"{queue}.delay.10s"))
+    assert '{"x-expires",3610000}' in line.replace(" ", ""), line
+
+
+def test_a_delayed_task_outlives_a_worker_kill_and_a_broker_restart_and_is_not_early(env, queue, start, running_broker):
+    worker = start_worker(start, queue)
+    sent = time.monotonic()
+    result = run_script("new_task.py", "--queue", queue, "--delay", "25", "Later.", env=env)
+    assert result.returncode == 0, result.stderr
+    worker.kill()  # kill -9 while it waits: it held nothing
+    running_broker.restart()
+    assert time.monotonic() < sent + 25, "the restart took longer than the delay: the test shows nothing"
+    wait_until(lambda: ready_count(running_broker.url, f"{queue}.delay.25s") == 1, 15, "the waiting task")
+    again = start_worker(start, queue, name="w2")
+    again.wait_for(r"Done 'Later\.'", timeout=60)
+    assert received_at(again, "Later.") >= sent + 25, "a restart made it early"
+    assert again.count("Received") == 1 and worker.count("Received") == 0
+    assert ready_count(running_broker.url, f"{queue}.delay.25s") == 0 and ready_count(running_broker.url, queue) == 0
+
+
+def test_a_high_priority_task_overtakes_a_backlog_on_rabbitmq_4_and_is_refused_before(env, queue, start, broker):
+    if rabbitmq_version(broker) < (4, 0):  # 3.10's quorum queues ignore priorities: nothing is sent
+        refused = run_script("new_task.py", "--queue", queue, "--priority", "high", "urgent", env=env)
+        assert_one_line_error(refused, 2, "ignore priorities", "nothing sent")
+        assert ready_count(broker.url, queue) == 0
+        return
+    worker = start_worker(start, queue)  # prefetch 1
+    publish(env, queue, "busy" + "." * 40)  # 4 s of work at DOT_SECONDS 0.1: the backlog builds behind it
+    worker.wait_for(r"Received 'busy")
+    backlog = [f"normal {n}" for n in range(6)]
+    publish(env, queue, *backlog)
+    publish(env, queue, "URGENT 1", "URGENT 2", extra=("--priority", "high"))
+    assert worker.count(r"Done 'busy") == 0, "busy ended before the backlog was in: the test shows nothing"
+    worker.wait_for(r"Done 'normal 5'", timeout=60)
+    worker.wait_for(r"Done 'URGENT 2'", timeout=60)
+    order = re.findall(r"Received '([^']*)'", worker.output)[1:]  # after busy
+    assert order.index("URGENT 1") < 3 and order.index("URGENT 2") < 3, order  # served high:normal 2:1
+    assert re.search(r"Received 'URGENT 1' \(high priority\)", worker.output)
+
+
+def test_a_priority_nothing_would_read_is_refused_and_bad_times_too(env, queue):
+    classic = run_script("new_task.py", "--queue", queue, "--queue-type", "classic", "--priority", "high", "x", env=env)
+    assert_one_line_error(classic, 2, "x-max-priority", "nothing sent")
+    past = run_script("new_task.py", "--queue", queue, "--at", "2020-01-01T00:00", "x", env=env)
+    assert_one_line_error(past, 2, "that time has passed")
+    assert ready_count(env["AMQP_URL"], queue) == 0
+
+
+def test_a_malformed_due_time_is_named_and_the_task_runs(env, queue, start, broker):
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.confirm_delivery()
+        channel.basic_publish("", queue, b"odd", pika.BasicProperties(headers={"x-due-at": "soon"}, delivery_mode=2))
+    worker = start_worker(start, queue)
+    worker.wait_for(r"Done 'odd'")
+    assert "ignoring header x-due-at='soon': not a time in milliseconds" in worker.output
