@@ -10,6 +10,7 @@ replay puts the tasks back on their queue with a fresh count of retries.
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Iterator
 
 import pika
@@ -137,7 +138,8 @@ def replay(channel, queue: str, count: int, default_target: str) -> None:
         target = headers.get("x-original-queue")
         target = target if isinstance(target, str) and target else default_target
         properties.headers = {
-            k: v for k, v in workqueue.without_broker_headers(headers).items() if k not in FAILURE_HEADERS
+            "x-due-at": round(time.time() * 1000),  # due now: the worker's queue-wait counts from the replay
+            **{k: v for k, v in workqueue.without_broker_headers(headers).items() if k not in FAILURE_HEADERS},
         }
         try:
             channel.basic_publish(exchange="", routing_key=target, body=body, properties=properties, mandatory=True)

@@ -60,10 +60,10 @@ class Metrics:
         ).labels(queue)
         self.waited = prom.Histogram(
             "workqueue_task_queue_wait_seconds",
-            "Time a task waited for a worker: from its publish (or its due time, for a delayed task or a retry) "
-            "to its start; tasks without a timestamp are not counted",
+            "Time a task waited for a worker: from its publish (its timestamp, whole seconds) or its due time "
+            "(a delayed task, a retry, a replay) to its start; tasks without a timestamp are not counted",
             ["queue"],
-            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),  # the timestamp has whole seconds
             registry=self.registry,
         ).labels(queue)
         self.in_progress = prom.Gauge(

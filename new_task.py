@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
+from datetime import time as dt_time
 
 import pika
 from pika.adapters.select_connection import IOLoop
@@ -117,10 +118,13 @@ def seconds_until(text: str, now: datetime) -> float:
         hour, minute, second = (int(part or 0) for part in clock.groups())
         if hour > 23 or minute > 59 or second > 59:
             raise workqueue.UsageError(f"--at {text}: not a time of day")
-        when = now.replace(hour=hour, minute=minute, second=second, microsecond=0)
-        if when <= now:
-            when += timedelta(days=1)  # that time has passed today: tomorrow's
-        return (when - now).total_seconds()
+        today = now.astimezone().date()
+        for day in (today, today + timedelta(days=1), today + timedelta(days=2)):
+            # A local time of that day, with that day's offset: right across a daylight-saving change.
+            when = datetime.combine(day, dt_time(hour, minute, second)).astimezone()
+            if when > now:  # the next one: today's, or, passed (or skipped by the clock change), tomorrow's
+                return (when - now).total_seconds()
+        raise workqueue.UsageError(f"--at {text}: not a time of day")
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -407,9 +411,10 @@ class Session:
         """Connected: open a channel, and hear when the broker blocks or unblocks publishing."""
         version = workqueue.broker_version(connection)
         if self.publisher.priority is not None and version < (4,):
+            release = f"RabbitMQ {'.'.join(map(str, version))}" if version > (0,) else "this broker (version unknown)"
             self.publisher.fatal = workqueue.UsageError(
-                f"--priority high: the quorum queues of RabbitMQ {'.'.join(map(str, version))} ignore priorities "
-                "(4.0 and later take high before normal); nothing sent"
+                f"--priority high: the quorum queues of {release} ignore priorities "
+                "(RabbitMQ 4.0 and later take high before normal); nothing sent"
             )
             connection.close()
             return
@@ -473,6 +478,7 @@ class Session:
     def on_channel_open(self, channel):
         """Channel open: declare the durable queue, exactly as worker.py does."""
         self.channel = channel
+        self.declaring = self.publisher.queue
         channel.add_on_close_callback(self.on_channel_closed)
         channel.add_on_return_callback(self.on_returned)
         channel.queue_declare(
@@ -488,7 +494,8 @@ class Session:
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             publisher = self.publisher
             if reason.reply_code == 406 and not self.declared:  # on declaring the work queue, or its delay queue
-                publisher.fatal = workqueue.queue_mismatch(self.declaring, reason.reply_text)
+                waiting = self.declaring != publisher.queue  # the delay queue
+                publisher.fatal = workqueue.queue_mismatch(self.declaring, reason.reply_text, waiting)
             elif reason.reply_code == 406:  # a message the broker will never take (larger than max_message_size)
                 publisher.fatal = workqueue.NotConfirmed(
                     f"the broker refused a message and closed the channel ({workqueue.describe(reason)}); "
@@ -515,7 +522,7 @@ class Session:
         self.channel.queue_declare(
             queue=publisher.target,
             durable=True,
-            arguments=workqueue.delay_queue_arguments(publisher.queue, publisher.queue_type, publisher.delay),
+            arguments=workqueue.delay_queue_arguments(publisher.queue, publisher.delay),
             callback=callback,
         )
         self.call_later("renew", RENEW_DELAY_QUEUE, self.declare_delay_queue)
@@ -606,6 +613,11 @@ def main() -> int:
     if args.transient and args.queue_type == "quorum":
         LOGGER.warning("--transient has no effect on a quorum queue: it keeps every message on disk")
     delay = math.ceil(seconds_until(args.at, datetime.now().astimezone()) if args.at else args.delay)
+    if delay > workqueue.MAX_DELAY:
+        raise workqueue.UsageError(
+            f"--{'at' if args.at else 'delay'}: {delay:g}s is more than {workqueue.MAX_DELAY // 86400} days, "
+            "the longest a delay queue can hold a task"
+        )
     if args.priority == "high" and args.queue_type == "classic":
         raise workqueue.UsageError(
             "--priority high: a classic queue takes priorities only when declared with x-max-priority, which "

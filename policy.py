@@ -95,7 +95,8 @@ def past_of(properties, timed_out: int = 0) -> tuple[Past, str | None]:
     """The Past in a message's headers, and a complaint about a header that is not what it should be."""
     retries, complaint = retries_of(properties)
     due, due_complaint = due_of(properties)
-    return Past(retries, returns_of(properties), timed_out, due), complaint or due_complaint
+    complaints = "; ".join(c for c in (complaint, due_complaint) if c) or None
+    return Past(retries, returns_of(properties), timed_out, due), complaints
 
 
 # --- The decision ------------------------------------------------------------------------

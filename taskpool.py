@@ -264,7 +264,8 @@ class TaskPool:
         late = ""
         if delivery.past.due is not None:  # a delayed task (new_task.py --delay), or a retry: when it was due
             due = time.strftime("%H:%M:%S", time.localtime(delivery.past.due))
-            late = f" (due {due}, {max(0.0, time.time() - delivery.past.due):.1f}s late)"
+            late = time.time() - delivery.past.due
+            late = f" (due {due}, {late:.1f}s late)" if late >= 0 else f" (due {due}, {-late:.1f}s early)"
         self.console.say(f"[x] Received '{delivery.label}'{priority}{attempt}{again}{late}", thread)
         since = queued_since(delivery.properties, delivery.past.due)
         self.metrics.task_started(waited=None if since is None else max(0.0, time.time() - since))

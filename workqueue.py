@@ -94,10 +94,16 @@ class QueueInUse(WorkQueueError):
     exit_code = EXIT_QUEUE_IN_USE
 
 
-def queue_mismatch(queue: str, broker_text: str) -> QueueMismatch:
-    """Explain a 406 PRECONDITION_FAILED from queue_declare: what differs and how to fix it."""
+def queue_mismatch(queue: str, broker_text: str, waiting: bool = False) -> QueueMismatch:
+    """Explain a 406 PRECONDITION_FAILED from queue_declare: what differs and how to fix it. `waiting`:
+    a queue where tasks wait (a delay queue): remove it only once it is empty."""
     differs = re.search(r"inequivalent arg '([^']+)'.*received (.+) but current is (.+)", broker_text)
     detail = f"{differs[1]} is {differs[3]}, not {differs[2]}" if differs else broker_text
+    if waiting:
+        return QueueMismatch(
+            f"queue '{queue}' already exists with other arguments ({detail}), made by another version; once "
+            f"its tasks have moved on, remove it with: python delete_queue.py {queue} --if-empty"
+        )
     return QueueMismatch(
         f"queue '{queue}' already exists with other arguments ({detail}); "
         f"use the matching --queue-type, or remove it with: python delete_queue.py {queue}"
@@ -474,7 +480,8 @@ def wait_queue_arguments(queue: str, queue_type: str, delay: float) -> dict:
     return arguments
 
 
-DELAY_QUEUE_LINGER = 3600  # seconds a delay queue stays after its last use (and its last task's due time)
+DELAY_QUEUE_LINGER = 3600  # seconds a delay queue stays after its last declaration, beyond its delay
+MAX_DELAY = 30 * 24 * 3600  # seconds: the broker takes a TTL and an x-expires up to 2^32 - 1 ms (49 days)
 
 
 def delay_queue(queue: str, seconds: int) -> str:
@@ -482,11 +489,14 @@ def delay_queue(queue: str, seconds: int) -> str:
     return f"{queue}.delay.{seconds}s"
 
 
-def delay_queue_arguments(queue: str, queue_type: str, seconds: int) -> dict:
-    """A delay queue is a wait queue (see wait_queue_arguments) that removes itself an hour after it
-    was last declared (x-expires; each new_task.py declares it, and renews it while it publishes), so
-    that many distinct delays leave no queues behind."""
-    return {**wait_queue_arguments(queue, queue_type, seconds), "x-expires": (seconds + DELAY_QUEUE_LINGER) * 1000}
+def delay_queue_arguments(queue: str, seconds: int) -> dict:
+    """A delay queue is a wait queue (see wait_queue_arguments) that removes itself DELAY_QUEUE_LINGER
+    seconds past its delay after it was last declared (x-expires: each new_task.py declares it, and
+    again while it publishes), so that many distinct delays leave no queues behind.
+
+    It is a classic queue, whatever the work queue's type: a quorum queue's x-expires counts from its
+    creation, whatever declares it since (rabbitmq-server#5894), and would take waiting tasks with it."""
+    return {**wait_queue_arguments(queue, "classic", seconds), "x-expires": (seconds + DELAY_QUEUE_LINGER) * 1000}
 
 
 # --- Command line and logging ---------------------------------------------------

@@ -18,44 +18,80 @@ def received_at(worker, task: str) -> float:
     return worker.times(rf"Received '{re.escape(task)}'")[0]
 
 
+def ready_now(url: str, queue: str) -> int:
+    """ready_count, or -1 while the broker does not answer yet (just after a restart)."""
+    try:
+        return ready_count(url, queue)
+    except pika.exceptions.AMQPError:
+        return -1
+
+
 def test_a_delayed_task_waits_in_the_broker_and_starts_at_its_time(env, queue, start, broker):
     worker = start_worker(start, queue)
     sent = time.monotonic()
-    result = run_script("new_task.py", "--queue", queue, "--delay", "10", "Remind me.", env=env)
+    result = run_script("new_task.py", "--queue", queue, "--delay", "15", "Remind me.", env=env)
     assert result.returncode == 0, result.stderr
-    assert "due in 10s (about " in result.stdout and f"waiting in {queue}.delay.10s" in result.stdout
-    publish(env, queue, *[f"later {n}" for n in range(20)], extra=("--delay", "10"))  # a bulk publish, delayed
+    assert "due in 15s (about " in result.stdout and f"waiting in {queue}.delay.15s" in result.stdout
+    publish(env, queue, *[f"later {n}" for n in range(20)], extra=("--delay", "15"))  # a bulk publish, delayed
     # While they wait, no worker holds them: they are ready in the delay queue, and the worker has none.
-    assert worker.count("Received") == 0 and ready_count(broker.url, f"{queue}.delay.10s") == 21
+    assert worker.count("Received") == 0 and ready_count(broker.url, f"{queue}.delay.15s") == 21
     assert broker.queue_counts(queue)[1] == 0  # rabbitmqctl, as a user would check: messages_unacknowledged
-    assert time.monotonic() < sent + 10, "the checks took longer than the delay: they show nothing"
+    assert time.monotonic() < sent + 15, "the checks took longer than the delay: they show nothing"
     worker.wait_for(r"Done 'later 19'", timeout=30)
     worker.wait_for(r"Done 'Remind me\.'", timeout=30)
     started = received_at(worker, "Remind me.")
-    assert started >= sent + 10, "started before its time"
+    assert started >= sent + 15, "started before its time"
     lateness = float(re.search(r"Received 'Remind me\.' \(due [\d:]+, ([\d.]+)s late\)", worker.output)[1])
     assert lateness < 3.0, worker.output  # about a second at most on a quiet machine; this one may be busy
-    assert worker.count("Received") == 21 and ready_count(broker.url, f"{queue}.delay.10s") == 0
+    assert worker.count("Received") == 21 and ready_count(broker.url, f"{queue}.delay.15s") == 0
     # The delay queue removes itself an hour after its last use (x-expires): many delays leave no queues behind.
     listed = broker.rabbitmqctl("list_queues", "name", "arguments", "--quiet", "--no-table-headers")
-    line = next(line for line in listed.splitlines() if line.startswith(f"{queue}.delay.10s"))
-    assert '{"x-expires",3610000}' in line.replace(" ", ""), line
+    line = next(line for line in listed.splitlines() if line.startswith(f"{queue}.delay.15s"))
+    assert '{"x-expires",3615000}' in line.replace(" ", ""), line
+
+
+def test_a_declaration_renews_a_classic_queue_s_x_expires_which_delay_queues_rely_on(broker, queue):
+    """new_task.py declares its delay queue again while it publishes, so that it never expires with tasks
+    in it; and once unused it goes away. (A quorum queue's lease is not renewed: delay queues are classic.)"""
+    name = f"{queue}.delay.probe"
+    arguments = {"x-queue-type": "classic", "x-expires": 2000}
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        channel = connection.channel()
+        started = time.monotonic()
+        while time.monotonic() < started + 4:  # twice its lease, declared every 0.5 s: still there
+            channel.queue_declare(name, durable=True, arguments=arguments)
+            connection.sleep(0.5)
+        channel.queue_declare(name, passive=True)
+        # Unused since: gone. (Each look is a declaration too, so look less often than its lease.)
+        deadline = time.monotonic() + 30
+        while queue_exists(connection, name):
+            assert time.monotonic() < deadline, "a delay queue unused for longer than its x-expires is still there"
+            connection.sleep(3)
+
+
+def queue_exists(connection: pika.BlockingConnection, name: str) -> bool:
+    try:
+        with connection.channel() as channel:
+            channel.queue_declare(name, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
 
 
 def test_a_delayed_task_outlives_a_worker_kill_and_a_broker_restart_and_is_not_early(env, queue, start, running_broker):
     worker = start_worker(start, queue)
     sent = time.monotonic()
-    result = run_script("new_task.py", "--queue", queue, "--delay", "25", "Later.", env=env)
+    result = run_script("new_task.py", "--queue", queue, "--delay", "30", "Later.", env=env)
     assert result.returncode == 0, result.stderr
     worker.kill()  # kill -9 while it waits: it held nothing
     running_broker.restart()
-    assert time.monotonic() < sent + 25, "the restart took longer than the delay: the test shows nothing"
-    wait_until(lambda: ready_count(running_broker.url, f"{queue}.delay.25s") == 1, 15, "the waiting task")
+    assert time.monotonic() < sent + 30, "the restart took longer than the delay: the test shows nothing"
+    wait_until(lambda: ready_now(running_broker.url, f"{queue}.delay.30s") == 1, 15, "the waiting task")
     again = start_worker(start, queue, name="w2")
     again.wait_for(r"Done 'Later\.'", timeout=60)
-    assert received_at(again, "Later.") >= sent + 25, "a restart made it early"
+    assert received_at(again, "Later.") >= sent + 30, "a restart made it early"
     assert again.count("Received") == 1 and worker.count("Received") == 0
-    assert ready_count(running_broker.url, f"{queue}.delay.25s") == 0 and ready_count(running_broker.url, queue) == 0
+    assert ready_count(running_broker.url, f"{queue}.delay.30s") == 0 and ready_count(running_broker.url, queue) == 0
 
 
 def test_a_high_priority_task_overtakes_a_backlog_on_rabbitmq_4_and_is_refused_before(env, queue, start, broker):
@@ -83,6 +119,8 @@ def test_a_priority_nothing_would_read_is_refused_and_bad_times_too(env, queue):
     assert_one_line_error(classic, 2, "x-max-priority", "nothing sent")
     past = run_script("new_task.py", "--queue", queue, "--at", "2020-01-01T00:00", "x", env=env)
     assert_one_line_error(past, 2, "that time has passed")
+    too_far = run_script("new_task.py", "--queue", queue, "--at", "2099-01-01T00:00", "x", env=env)
+    assert_one_line_error(too_far, 2, "more than 30 days")
     assert ready_count(env["AMQP_URL"], queue) == 0
 
 

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -493,7 +494,21 @@ def test_a_task_module_named_like_one_of_the_workers_own_is_refused_with_why():
         taskpool.load_task("policy:decide")
 
 
-def test_at_means_the_next_such_time_or_a_date_not_past():
+@pytest.fixture
+def local_time(monkeypatch):
+    """Set the local time zone (TZ) for a test."""
+
+    def set_zone(zone: str) -> None:
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+
+    yield set_zone
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_at_means_the_next_such_time_or_a_date_not_past(local_time):
+    local_time("UTC")
     now = datetime(2026, 11, 30, 22, 0, 0, tzinfo=timezone.utc)
     assert new_task.seconds_until("22:10", now) == 600
     assert new_task.seconds_until("21:59:30", now) == 24 * 3600 - 30  # passed today: tomorrow's
@@ -505,9 +520,19 @@ def test_at_means_the_next_such_time_or_a_date_not_past():
             new_task.seconds_until(bad, now)
 
 
+def test_at_counts_the_hour_a_daylight_saving_change_adds_or_takes(local_time):
+    local_time("Europe/Paris")  # clocks go forward on 29 March 2026 at 02:00, back on 25 October at 03:00
+    spring = datetime(2026, 3, 29, 1, 0).astimezone()  # 01:00 CET
+    assert new_task.seconds_until("09:00", spring) == 7 * 3600  # 09:00 CEST: one hour less on the wall clock
+    autumn = datetime(2026, 10, 24, 22, 0).astimezone()  # 22:00 CEST
+    assert new_task.seconds_until("21:00", autumn) == 24 * 3600  # tomorrow's 21:00 CET: 23 wall hours + 1
+    assert new_task.seconds_until("02:30", spring) > 0  # a time the clock skips: the next day's, never past
+
+
 def test_a_delay_queue_is_a_wait_queue_that_goes_away_an_hour_after_its_last_use():
-    arguments = workqueue.delay_queue_arguments("task_queue", "quorum", 600)
+    arguments = workqueue.delay_queue_arguments("task_queue", 600)
     assert arguments["x-message-ttl"] == 600_000 and arguments["x-dead-letter-routing-key"] == "task_queue"
+    assert arguments["x-queue-type"] == "classic"  # a quorum queue's x-expires is not renewed by a declaration
     assert arguments["x-expires"] == (600 + 3600) * 1000
     assert workqueue.delay_queue("task_queue", 600) == "task_queue.delay.600s"
     assert new_task.RENEW_DELAY_QUEUE < workqueue.DELAY_QUEUE_LINGER  # renewed long before it could expire
