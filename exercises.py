@@ -151,7 +151,7 @@ class Lab:
         )  # fmt: skip
         if queue is None:
             self.sent += tasks
-        self.note(f"sent {len(tasks)} tasks" + (f" to {queue}" if queue else ""))
+        self.note(f"sent {workqueue.plural(len(tasks), 'task')}" + (f" to {queue}" if queue else ""))
 
     def counts(self, queue: str | None = None) -> tuple[int, int] | None:
         """(messages_ready, messages_unacknowledged) of a queue, None if it does not exist."""
@@ -546,8 +546,9 @@ def delay(lab: Lab) -> tuple[Outcome, str]:
     held = lab.counts()
     show_counts(lab, "while they wait", [lab.queue, *delay_queues])
     lab.wait_until_done(["remind in 1s"])
-    lab.note("stopping w1 while the other tasks wait, then starting it again")
+    lab.note("stopping w1 while the other tasks wait; starting it again once the second one is due")
     worker.stop()
+    wait_for(lambda: (lab.counts() or (0, 0))[0] >= 1, "the second task to reach the queue", timeout=30)
     lab.worker("w1")
     lab.wait_until_done(list(plan))
     late = {
@@ -558,10 +559,15 @@ def delay(lab: Lab) -> tuple[Outcome, str]:
     }
     result = outcome(lab)
     starts = ", ".join(f"'{task}' {late.get(task, float('nan')):.1f}s" for task in plan)
+    unacked = (
+        f"{lab.queue}: {held[1]} unacked"
+        if held and held[1] >= 0
+        else "as the delay queues' ready counts show; without rabbitmqctl the unacked count is not to be had"
+    )
     return result, (
         f"{result.done} of {len(plan)} tasks done, each after its due time: {starts} late. While they waited no "
-        f"worker held them ({lab.queue}: {held[1] if held and held[1] >= 0 else '?'} unacked; each waited in "
-        f"{lab.queue}.delay.<S>s, whose TTL moved it to {lab.queue} at its time), so stopping w1 lost nothing."
+        f"worker held them ({unacked}; each waited in {lab.queue}.delay.<S>s, whose TTL moved it to {lab.queue} at "
+        "its time), so stopping w1 lost nothing: 'remind in 2s' came due with no worker running, and waited for w1."
     )
 
 
@@ -577,8 +583,8 @@ def priority(lab: Lab) -> tuple[Outcome, str]:
         print(f"  new_task.py --priority high: exit {refused.returncode}: {refused.stderr.strip()}")
         return outcome(lab), (
             f"RabbitMQ {'.'.join(map(str, version))}'s quorum queues ignore priorities, so new_task.py refuses "
-            f"--priority high there (exit {refused.returncode}) rather than send one that nothing reads. Run this "
-            "on RabbitMQ 4 (./run.sh demo --rabbitmq 4.3 starts one; exercises.py --url ...)."
+            f"--priority high there (exit {refused.returncode}) rather than send one that nothing reads. To see it "
+            "work, start RabbitMQ 4 (./run.sh broker 4.3 prints its URL) and run exercises.py priority --url URL."
         )
     worker = lab.worker("w1")
     busy = "busy" + "." * max(5, round(2 / max(lab.dot_seconds, 0.01)))  # 2 s at least: the backlog builds meanwhile

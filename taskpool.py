@@ -263,7 +263,7 @@ class TaskPool:
         priority = " (high priority)" if is_high_priority(delivery.properties) else ""
         late = ""
         if delivery.past.due is not None:  # a delayed task (new_task.py --delay), or a retry: when it was due
-            due = time.strftime("%H:%M:%S", time.localtime(delivery.past.due))
+            due = workqueue.clock(delivery.past.due)
             late = time.time() - delivery.past.due
             late = f" (due {due}, {late:.1f}s late)" if late >= 0 else f" (due {due}, {-late:.1f}s early)"
         self.console.say(f"[x] Received '{delivery.label}'{priority}{attempt}{again}{late}", thread)

@@ -329,7 +329,7 @@ class Worker:
             headers["x-due-at"] = round((time.time() + delay) * 1000)  # its start shows how late it came
             if delay:
                 target = workqueue.wait_queue(self.args.queue, delay)
-                due = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
+                due = workqueue.clock(time.time() + delay)
                 what = f"retry {retry} of {self.args.max_retries} in {delay:g}s (at {due}, waiting in {target})"
             else:
                 target, what = self.args.queue, f"retry {retry} of {self.args.max_retries} now"

@@ -194,6 +194,13 @@ def printable(data: bytes | str, limit: int | None = None) -> str:
     return text
 
 
+def clock(seconds: float) -> str:
+    """A moment (seconds since the epoch) in local time: 18:30:00 today, else 2026-12-24 18:00:00."""
+    moment = time.localtime(seconds)
+    today = time.localtime()[:3] == moment[:3]
+    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M:%S", moment)
+
+
 def plural(count: int, noun: str) -> str:
     """'1 task', '2 tasks', '1,000 messages'."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
