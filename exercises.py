@@ -537,18 +537,18 @@ def retry_backoff(lab: Lab) -> tuple[Outcome, str]:
 
 def delay(lab: Lab) -> tuple[Outcome, str]:
     """Tasks for later: each waits in the broker, not in a worker, and starts at its due time."""
-    plan = {"remind in 1s": 1, "remind in 2s": 2, "remind in 4s": 4}
+    plan = {"remind in 5s": 5, "remind in 10s": 10, "remind in 15s": 15}
     delay_queues = [workqueue.delay_queue(lab.queue, seconds) for seconds in plan.values()]
     lab.wait_queues |= set(delay_queues)  # removed with the experiment's queue
     worker = lab.worker("w1")
     for task, seconds in plan.items():
         lab.send([task], "--delay", str(seconds))
-    held = lab.counts()
-    show_counts(lab, "while they wait", [lab.queue, *delay_queues])
-    lab.wait_until_done(["remind in 1s"])
-    lab.note("stopping w1 while the other tasks wait; starting it again once the second one is due")
+    held = lab.counts()  # w1 is running: it holds none of them
+    lab.note("stopping w1 while the tasks wait")
     worker.stop()
-    wait_for(lambda: (lab.counts() or (0, 0))[0] >= 1, "the second task to reach the queue", timeout=30)
+    show_counts(lab, "while they wait, no worker running", [lab.queue, *delay_queues])
+    wait_for(lambda: (lab.counts() or (0, 0))[0] >= 1, "the first task to come due", timeout=30)
+    lab.note("a task came due with no worker running: starting w1 again")
     lab.worker("w1")
     lab.wait_until_done(list(plan))
     late = {
@@ -562,12 +562,13 @@ def delay(lab: Lab) -> tuple[Outcome, str]:
     unacked = (
         f"{lab.queue}: {held[1]} unacked"
         if held and held[1] >= 0
-        else "as the delay queues' ready counts show; without rabbitmqctl the unacked count is not to be had"
+        else "without rabbitmqctl the unacked count is not to be had"
     )
     return result, (
-        f"{result.done} of {len(plan)} tasks done, each after its due time: {starts} late. While they waited no "
-        f"worker held them ({unacked}; each waited in {lab.queue}.delay.<S>s, whose TTL moved it to {lab.queue} at "
-        "its time), so stopping w1 lost nothing: 'remind in 2s' came due with no worker running, and waited for w1."
+        f"{result.done} of {len(plan)} tasks done, each after its due time: {starts} late (the first came due "
+        f"while no worker ran, and waited in {lab.queue} for w1). While they waited no worker held them "
+        f"({unacked}; each waited in {lab.queue}.delay.<S>s, whose TTL moved it to {lab.queue} at its time), so "
+        "stopping w1 lost nothing."
     )
 
 
