@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pika
 
+import policy
 import workqueue
 
 EXAMPLES = """\
@@ -138,7 +139,7 @@ def replay(channel, queue: str, count: int, default_target: str) -> None:
         target = headers.get("x-original-queue")
         target = target if isinstance(target, str) and target else default_target
         properties.headers = {
-            "x-due-at": round(time.time() * 1000),  # due now: the worker's queue-wait counts from the replay
+            **policy.due_header(time.time()),  # due now: the worker's queue-wait counts from the replay
             **{k: v for k, v in workqueue.without_broker_headers(headers).items() if k not in FAILURE_HEADERS},
         }
         try:

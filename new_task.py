@@ -28,6 +28,7 @@ from datetime import time as dt_time
 import pika
 from pika.adapters.select_connection import IOLoop
 
+import policy
 import workqueue
 
 LOGGER = logging.getLogger("new_task")
@@ -354,7 +355,7 @@ class Publisher:
         (whole seconds: the worker's queue-wait metric starts there) and, delayed, when it is due."""
         now = time.time()
         if self.delay:
-            due = {"x-due-at": round((now + self.delay) * 1000)}  # the worker shows how late it started
+            due = policy.due_header(now + self.delay)  # the worker shows how late it started
             return pika.BasicProperties(
                 delivery_mode=self.delivery_mode, priority=self.priority, timestamp=int(now), headers=due
             )
@@ -406,6 +407,10 @@ class Session:
         """A timer of this session's (one per name): it never fires after the connection closed."""
         self.timers[name] = self.ioloop.call_later(seconds, callback)
 
+    def cancel_timers(self) -> None:
+        for timer in self.timers.values():
+            self.ioloop.remove_timeout(timer)  # (a timer that fired already: nothing to do)
+
     # Connection and channel: each step opens the next.
 
     def on_connection_open(self, connection):
@@ -435,8 +440,7 @@ class Session:
     def on_connection_closed(self, _connection, reason):
         """Closed by us when done, or lost: then run() reconnects and sends the unconfirmed again."""
         self.ready = False
-        for timer in self.timers.values():
-            self.ioloop.remove_timeout(timer)
+        self.cancel_timers()
         if not self.outbox.finished and not self.publisher.fatal:
             again = self.outbox.connection_lost()
             why = self.why_closing or f"connection lost ({workqueue.describe(reason)})"
@@ -455,8 +459,7 @@ class Session:
         if not self.connection.is_open:  # closing already, or closed
             return
         self.why_closing = self.why_closing or why
-        for timer in self.timers.values():  # no progress and no confirm watch while it closes
-            self.ioloop.remove_timeout(timer)
+        self.cancel_timers()  # no progress and no confirm watch while it closes
         self.connection.close()
         self.call_later("close", CLOSE_TIMEOUT, self.drop_if_still_closing)
 

@@ -58,6 +58,12 @@ def is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def due_header(when: float) -> dict:
+    """The header that says when a task is due (seconds since the epoch), as due_of() reads it: x-due-at, in
+    milliseconds. Set by new_task.py --delay, on a retry, and by a replay."""
+    return {"x-due-at": round(when * 1000)}
+
+
 def due_of(properties) -> tuple[float | None, str | None]:
     """When the task was due, in seconds since the epoch: our x-due-at header (milliseconds; set by
     new_task.py --delay and on a retry), else None; and a complaint if the header is not a time."""

@@ -326,7 +326,7 @@ class Worker:
         headers["x-retries"] = decision.retry  # a retry's number; for a dead letter, the runs that failed before
         if decision.act is Act.RETRY:
             retry, delay = decision.retry, decision.delay
-            headers["x-due-at"] = round((time.time() + delay) * 1000)  # its start shows how late it came
+            headers.update(policy.due_header(time.time() + delay))  # its start shows how late it came
             if delay:
                 target = workqueue.wait_queue(self.args.queue, delay)
                 due = workqueue.clock(time.time() + delay)
