@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set-up and entry points, on a fresh Debian or Ubuntu machine:
 #   ./run.sh demo     3 workers and a dozen tasks on your local RabbitMQ, or a throwaway one
-#   ./run.sh test     the test suite on every supported RabbitMQ: the system's, 4.3, and 4.0 (its
-#                     queue-semantics tests); --rabbitmq R for one of them (other arguments go to pytest)
+#   ./run.sh test     the test suite on every supported RabbitMQ side by side: the system's, 4.3, and 4.0
+#                     (its queue-semantics tests); --rabbitmq R for one (other arguments go to pytest)
 #   ./run.sh lint     ruff check and ruff format --check
 #   ./run.sh bench    the benchmark (a few minutes; --quick for a small run; --rabbitmq R)
 #   ./run.sh broker R install RabbitMQ R (system, 4.0 or 4.3) if missing, and start a throwaway node
@@ -114,11 +114,15 @@ case "${1:-}" in
     test)
         shift
         setup_python requirements-dev.txt
+        # Tests side by side: xdist workers, each with throwaway nodes of its own (tests/conftest.py).
+        # Arguments after these win: -n 0 runs them one at a time, as you would to debug.
+        side_by_side=(-n "${WORKQUEUE_TEST_WORKERS:-3}" --dist loadgroup --durations 10)
         if [ -n "$RABBITMQ_RELEASE" ]; then
             setup_rabbitmq "$RABBITMQ_RELEASE"
-            exec .venv/bin/python -m pytest "$@"
+            exec .venv/bin/python -m pytest "${side_by_side[@]}" "$@"
         fi
-        # Every supported release: the whole suite on the system's and on 4.3, the queue semantics on 4.0.
+        # Every supported release, side by side: the whole suite on the system's and on 4.3, the queue
+        # semantics on 4.0. Each one's output goes to a log of its own, shown whole if it fails.
         releases=(system 4.3 4.0)
         if [ "$(id -u)" != 0 ] && [ ! -x /var/cache/workqueue/rabbitmq-4.3/usr/lib/rabbitmq/bin/rabbitmq-server ]; then
             echo "run.sh: RabbitMQ 4.0 and 4.3 run under chroot, which needs root: testing on the system's RabbitMQ" >&2
@@ -126,12 +130,36 @@ case "${1:-}" in
             releases=(system)
         fi
         for release in "${releases[@]}"; do setup_rabbitmq "$release"; done
+        mkdir -p .test-logs
+        echo "run.sh: the tests on RabbitMQ ${releases[*]}, side by side (about 12 minutes); their output in .test-logs/" >&2
+        began=$SECONDS
+        declare -A pids=()
+        for release in "${releases[@]}"; do
+            only=(); [ $release = 4.0 ] && only=(-m queue_semantics)
+            (
+                start=$SECONDS
+                code=0
+                WORKQUEUE_RABBITMQ=$release .venv/bin/python -m pytest "${side_by_side[@]}" "${only[@]+"${only[@]}"}" \
+                    "$@" >".test-logs/$release.log" 2>&1 || code=$?
+                echo "$((SECONDS - start))" >".test-logs/$release.seconds"
+                exit $code
+            ) &
+            pids[$release]=$!
+        done
         failed=()
         for release in "${releases[@]}"; do
-            echo "run.sh: the tests on RabbitMQ $release" >&2
-            only=(); [ $release = 4.0 ] && only=(-m queue_semantics)
-            WORKQUEUE_RABBITMQ=$release .venv/bin/python -m pytest "${only[@]+"${only[@]}"}" "$@" || failed+=("$release")
+            code=0; wait "${pids[$release]}" || code=$?
+            log=.test-logs/$release.log
+            version=$(sed -n 's/^rabbitmq: .* (\(.*\))$/\1/p' "$log" | head -1)
+            outcome=$(grep -E '^=+ .*(passed|failed|error|no tests ran).* =+$' "$log" | tail -1 | sed -E 's/^=+ (.*) in [0-9.]+s.* =+$/\1/')
+            seconds=$(cat ".test-logs/$release.seconds" 2>/dev/null || echo "?")
+            if [ $code != 0 ]; then
+                failed+=("$release")
+                cat "$log" >&2
+            fi
+            printf 'run.sh: RabbitMQ %s (%s): %s, %s s\n' "$release" "${version:-?}" "${outcome:-no summary, see $log}" "$seconds" >&2
         done
+        echo "run.sh: ${#releases[@]} release(s) in $((SECONDS - began)) s" >&2
         if [ ${#failed[@]} -gt 0 ]; then echo "run.sh: tests failed on RabbitMQ ${failed[*]}" >&2; exit 1; fi
         ;;
     bench)

@@ -146,7 +146,7 @@ class Lab:
             worker.wait(timeout=30)
 
 
-def drain_rate(lab: Lab, system: System, count: int, dots: int = 0) -> float:
+def drain_rate(lab: Lab, system: System, count: int, dots: int = 0, timeout: float = 600) -> float:
     """Tasks per second for one worker process to empty a queue of `count` tasks, start-up included."""
     lab.delete(system)
     lab.send(system, [f"task {i}{'.' * dots}" for i in range(count)])
@@ -154,7 +154,7 @@ def drain_rate(lab: Lab, system: System, count: int, dots: int = 0) -> float:
     started = time.perf_counter()
     workers = lab.start_workers(system, 1)
     try:
-        finished = lab.wait_done(count, timeout=600, system=system)
+        finished = lab.wait_done(count, timeout=timeout, system=system)
     finally:
         lab.stop(workers)
     if lab.done() != count:
@@ -226,7 +226,8 @@ def rows(url: str, quick: bool, ideal_makespan) -> list[str]:
             print(f"Peers: {what}...", file=sys.stderr)
             rates: dict[str, list[float]] = {s.name: [] for s in systems}
             for system in alternate(systems, rounds):
-                rates[system.name].append(drain_rate(lab, system, n, dots))
+                # A quick run's 200 tasks take seconds: a peer that stalls is named in 2 minutes, not 10.
+                rates[system.name].append(drain_rate(lab, system, n, dots, timeout=120 if quick else 600))
             reference = rates[systems[0].name]
             for system in systems:
                 runs = rates[system.name]

@@ -1,26 +1,27 @@
 """The benchmark runs end to end at a small size (its figures are not judged here)."""
 
+import os
 import re
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "bench"))
 import turnaround
 
 
 @pytest.mark.timeout(660)  # a whole benchmark, if small: minutes on a loaded 2-core machine
-def test_benchmark_runs_and_prints_its_table(broker):
+def test_benchmark_runs_and_prints_its_table(broker, whole_machine):  # a benchmark loads both cores
     as_root = turnaround.can_capture()  # the bench adds its turnaround rows when it can capture packets
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--url", broker.url],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    # Through run_script: if it overruns, its workers and the peers' are killed with it, and the
+    # failure shows how far it got (it prints each step on stderr).
+    try:
+        result = run_script("bench/bench.py", "--quick", "--url", broker.url, env=dict(os.environ), timeout=600)
+    except subprocess.TimeoutExpired as error:
+        steps = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr
+        raise AssertionError(f"the benchmark overran 600 s; its steps so far:\n{steps}") from None
     assert result.returncode == 0, result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     # header, separator, 4 publish, 6 drain, 1 isolation cost, 6 concurrency, 2 makespan and 2 memory rows;

@@ -12,6 +12,10 @@ import pytest
 from conftest import run_script
 
 
+# One xdist worker runs this module, so that every experiment runs once (the module fixture below).
+pytestmark = pytest.mark.xdist_group("exercises")
+
+
 @pytest.fixture(scope="module")
 def all_experiments():
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # no AMQP_URL: the experiments start a node of their own

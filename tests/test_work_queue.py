@@ -61,7 +61,7 @@ def test_prefetch_one_sends_tasks_to_the_free_worker(env, queue, start, broker):
 
 
 def test_a_killed_workers_task_is_done_by_another(env, queue, start, broker):
-    victim = start_worker(start, queue, name="w1")
+    victim = start_worker(start, queue, "--dot-seconds", "1", name="w1")  # 40 s: it runs still when killed
     publish(env, queue, "long" + "." * 40)
     victim.wait_for(r"Received 'long")
     wait_for_counts(broker, queue, 0, 1)

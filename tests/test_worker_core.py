@@ -147,7 +147,7 @@ def test_max_tasks_is_exact_at_a_higher_prefetch(env, queue, start, broker):
 # --- Deliveries die with their channel ------------------------------------------------------
 @pytest.mark.queue_semantics
 def test_a_reconnect_at_prefetch_10_runs_no_stale_delivery(env, queue, start, broker, proxy):
-    tasks = ["t1" + "." * 12] + [f"t{i}.." for i in range(2, 6)]  # t1: 6 s, the cut comes while it runs
+    tasks = ["t1" + "." * 16] + [f"t{i}.." for i in range(2, 6)]  # t1: 8 s, the cut comes while it runs
     worker = start_worker(start, queue, "--url", proxy.url(), "--prefetch", "10", "--dot-seconds", "0.5")
     publish(env, queue, *tasks)
     worker.wait_for(r"Received 't1\.+'")
@@ -189,7 +189,7 @@ def test_concurrency_runs_n_tasks_at_once(env, queue, start, broker):
 def test_warm_shutdown_finishes_every_running_task_and_hands_back_the_rest(env, queue, start, broker):
     # prefetch 5 > concurrency 3: two deliveries wait inside the worker; they go back untouched.
     worker = start_worker(start, queue, "--concurrency", "3", "--prefetch", "5", "--dot-seconds", "1")
-    tasks = [f"t{i}..." for i in range(1, 8)]
+    tasks = [f"t{i}......" for i in range(1, 8)]  # 6 s: running still while rabbitmqctl answers, under load too
     publish(env, queue, *tasks)
     worker.wait_for(r"Received", count=3)
     wait_for_counts(broker, queue, 2, 5)
@@ -238,7 +238,7 @@ def test_a_failing_task_among_concurrent_ones(env, queue, start, broker):
 
 def test_concurrency_sets_prefetch_unless_given(env, queue, start, broker):
     worker = start_worker(start, queue, "--concurrency", "4", "--dot-seconds", "1")
-    publish(env, queue, *[f"p{i}..." for i in range(6)])
+    publish(env, queue, *[f"p{i}......" for i in range(6)])  # 6 s each: running still while the counts are read
     worker.wait_for(r"Received", count=4)
     wait_for_counts(broker, queue, 2, 4)
     worker.signal(signal.SIGTERM)
