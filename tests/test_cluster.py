@@ -12,7 +12,6 @@ from conftest import Script, done_tasks, rabbitmq_version, ready_count, wait_unt
 
 from local_broker import BrokerCluster
 
-
 # One xdist worker runs this module, so the cluster starts once; one such module at a time on the machine.
 # Its time limit counts the wait for the whole machine (a benchmark, or another release's cluster).
 pytestmark = [pytest.mark.xdist_group("cluster"), pytest.mark.timeout(600)]

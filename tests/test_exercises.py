@@ -11,7 +11,6 @@ import re
 import pytest
 from conftest import run_script
 
-
 # One xdist worker runs this module, so that every experiment runs once (the module fixture below).
 pytestmark = pytest.mark.xdist_group("exercises")
 
