@@ -404,11 +404,13 @@ def scale_out(lab: Lab) -> tuple[Outcome, str]:
     """One worker, then two more join while tasks run, then one leaves (SIGTERM: warm shutdown)."""
     first = lab.worker("w1")
     tasks = [f"task{i}.." for i in range(1, 16)]
-    lab.send(tasks)
+    lab.send(tasks[:4])
     first.wait_for(r"Done", count=2)
     lab.note("adding w2 and w3")
-    lab.worker("w2", wait=False)
-    third = lab.worker("w3", wait=False)
+    lab.worker("w2")
+    third = lab.worker("w3")
+    # The rest once all three are waiting: started at once, w1 could empty the queue while they start.
+    lab.send(tasks[4:])
     third.wait_for(r"Done", count=2)
     lab.note("stopping w3 (SIGTERM)")
     third.stop()

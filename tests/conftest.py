@@ -51,9 +51,9 @@ def pytest_configure(config):
         os.environ["WORKQUEUE_RABBITMQ"] = config.getoption("--rabbitmq")
 
 
-# The modules that mark themselves xdist_group, so that one worker runs each in a row: a 3-node cluster,
-# and a run of every experiment, start once.
-GROUPED_MODULES = ("tests/test_cluster.py", "tests/test_exercises.py")
+# The modules that mark themselves xdist_group, so that one worker runs each group in a row: a 3-node
+# cluster and a run of every experiment start once, and one worker per release waits for the whole machine.
+GROUPED_MODULES = ("tests/test_bench.py", "tests/test_cluster.py", "tests/test_exercises.py")
 
 
 def pytest_xdist_node_collection_finished(node, ids):
@@ -99,12 +99,27 @@ WHOLE_MACHINE_LOCK = Path(tempfile.gettempdir()) / "workqueue-tests-whole-machin
 
 @pytest.fixture(scope="module")
 def whole_machine():
-    """Held by a module whose tests need the machine to themselves (a 3-node cluster, the benchmark):
-    two of them at once would start six nodes, or load both cores, beside each other on 2 cores.
-    The others run on meanwhile; they are the load any test here must stand."""
-    with open(WHOLE_MACHINE_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+    """Held by a module that would be too much beside its like (a 3-node cluster, the benchmark): two
+    of them at once would start six nodes, or load both cores, on a 2-core machine. Other tests run on
+    meanwhile; they are the load any test here must stand. The wait is bounded here, not by
+    pytest-timeout, whose clock those modules keep for their tests alone (func_only)."""
+    try:  # read-only, and created only if missing: /tmp's sticky bit refuses to open another user's file to write
+        lock = os.open(WHOLE_MACHINE_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        lock = os.open(WHOLE_MACHINE_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        wait_until(lambda: take_lock(lock), timeout=1800, what="the lock of the whole machine", every=0.5)
         yield
+    finally:
+        os.close(lock)  # releases it; so does the death of this process
+
+
+def take_lock(descriptor: int) -> bool:
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -140,8 +155,9 @@ def env(broker):
 def run_script(script: str, *args: str, env: dict, timeout: float = 60, stdin: str | None = None):
     """Run a script to the end, as a user would, and return the finished process.
 
-    It runs in a process group of its own: if it overruns `timeout`, the whole group is killed,
-    so the workers an experiment started do not outlive it and load the tests that follow."""
+    It runs in a process group of its own: if it overruns `timeout` (or the test is stopped), the
+    group gets Ctrl+C and 10 s to clean up, then is killed, so the workers an experiment started do
+    not outlive it and load the tests that follow."""
     with subprocess.Popen(
         [sys.executable, str(ROOT / script), *args],
         env=env,
@@ -154,14 +170,21 @@ def run_script(script: str, *args: str, env: dict, timeout: float = 60, stdin: s
     ) as process:
         try:
             stdout, stderr = process.communicate(stdin, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(process)
+        except BaseException:  # its own timeout, or pytest-timeout's
+            kill_group(process, grace=10)
             raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL a process started with start_new_session=True, and everything it started."""
+def kill_group(process: subprocess.Popen, grace: float = 0) -> None:
+    """SIGKILL a process started with start_new_session=True, and everything it started; with a
+    `grace`, first SIGINT (Ctrl+C) and that long for it to stop what it started elsewhere."""
+    if grace:
+        try:
+            os.killpg(process.pid, signal.SIGINT)
+            process.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -261,6 +284,37 @@ def start(env):
     yield start_script
     for process in started:
         process.stop()
+
+
+class Gate:
+    """A --task that keeps every task running until the test opens the gate: for a test that must see
+    tasks running at the broker (rabbitmqctl takes seconds under load), with no race against their end.
+
+        worker = start_worker(start, queue, *gate.task, cwd=gate.folder)
+        ...
+        gate.open()
+    """
+
+    MODULE = (
+        "import os, time\n"
+        "def task(body):\n"
+        "    deadline = time.monotonic() + 120  # no test holds them longer: a worker never hangs for good\n"
+        "    while not os.path.exists('gate.open') and time.monotonic() < deadline:\n"
+        "        time.sleep(0.02)\n"
+    )
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        (folder / "gated.py").write_text(self.MODULE)
+        self.task = ("--task", "gated:task")
+
+    def open(self) -> None:
+        (self.folder / "gate.open").touch()
+
+
+@pytest.fixture
+def gate(tmp_path) -> Gate:
+    return Gate(tmp_path)
 
 
 def start_worker(start, queue: str, *args: str, name: str = "w1", **kwargs) -> Script:

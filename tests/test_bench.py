@@ -12,11 +12,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 import turnaround
 
 
-@pytest.mark.timeout(660)  # a whole benchmark, if small: minutes on a loaded 2-core machine
-def test_benchmark_runs_and_prints_its_table(broker, whole_machine):  # a benchmark loads both cores
+# Loads both cores: one at a time on the machine (whole_machine), run by the cluster tests' xdist worker.
+# A whole benchmark, if small: minutes on a loaded 2-core machine; the wait for the machine apart.
+@pytest.mark.xdist_group("whole_machine")
+@pytest.mark.timeout(660, func_only=True)
+def test_benchmark_runs_and_prints_its_table(broker, whole_machine):
     as_root = turnaround.can_capture()  # the bench adds its turnaround rows when it can capture packets
-    # Through run_script: if it overruns, its workers and the peers' are killed with it, and the
-    # failure shows how far it got (it prints each step on stderr).
+    # Through run_script: if it overruns, it gets Ctrl+C and time to stop its workers and the peers'
+    # (each in a session of its own), and the failure shows how far it got (each step is on stderr).
     try:
         result = run_script("bench/bench.py", "--quick", "--url", broker.url, env=dict(os.environ), timeout=600)
     except subprocess.TimeoutExpired as error:

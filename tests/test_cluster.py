@@ -12,9 +12,9 @@ from conftest import Script, done_tasks, rabbitmq_version, ready_count, wait_unt
 
 from local_broker import BrokerCluster
 
-# One xdist worker runs this module, so the cluster starts once; one such module at a time on the machine.
-# Its time limit counts the wait for the whole machine (a benchmark, or another release's cluster).
-pytestmark = [pytest.mark.xdist_group("cluster"), pytest.mark.timeout(600)]
+# One xdist worker runs this module (and the benchmark's), so the cluster starts once; one such module at a
+# time on the machine (whole_machine). The time limit is each test's own, the wait for the machine apart.
+pytestmark = [pytest.mark.xdist_group("whole_machine"), pytest.mark.timeout(300, func_only=True)]
 
 
 @pytest.fixture(scope="module")

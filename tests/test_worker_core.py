@@ -146,15 +146,16 @@ def test_max_tasks_is_exact_at_a_higher_prefetch(env, queue, start, broker):
 
 # --- Deliveries die with their channel ------------------------------------------------------
 @pytest.mark.queue_semantics
-def test_a_reconnect_at_prefetch_10_runs_no_stale_delivery(env, queue, start, broker, proxy):
-    tasks = ["t1" + "." * 16] + [f"t{i}.." for i in range(2, 6)]  # t1: 8 s, the cut comes while it runs
-    worker = start_worker(start, queue, "--url", proxy.url(), "--prefetch", "10", "--dot-seconds", "0.5")
+def test_a_reconnect_at_prefetch_10_runs_no_stale_delivery(env, queue, start, broker, proxy, gate):
+    tasks = [f"t{i}" for i in range(1, 6)]
+    worker = start_worker(start, queue, "--url", proxy.url(), "--prefetch", "10", *gate.task, cwd=gate.folder)
     publish(env, queue, *tasks)
-    worker.wait_for(r"Received 't1\.+'")
-    wait_for_counts(broker, queue, 0, 5)  # all five are at the worker
+    worker.wait_for(r"Received 't1'")
+    wait_for_counts(broker, queue, 0, 5)  # all five are at the worker, t1 running (held by the gate)
     proxy.cut()
 
     worker.wait_for(r"connection lost")
+    gate.open()
     for task in tasks:
         worker.wait_for(rf"Done '{re.escape(task)}'", timeout=30)
     wait_for_counts(broker, queue, 0, 0)
@@ -186,14 +187,16 @@ def test_concurrency_runs_n_tasks_at_once(env, queue, start, broker):
 
 
 @pytest.mark.queue_semantics
-def test_warm_shutdown_finishes_every_running_task_and_hands_back_the_rest(env, queue, start, broker):
+def test_warm_shutdown_finishes_every_running_task_and_hands_back_the_rest(env, queue, start, broker, gate):
     # prefetch 5 > concurrency 3: two deliveries wait inside the worker; they go back untouched.
-    worker = start_worker(start, queue, "--concurrency", "3", "--prefetch", "5", "--dot-seconds", "1")
-    tasks = [f"t{i}......" for i in range(1, 8)]  # 6 s: running still while rabbitmqctl answers, under load too
+    worker = start_worker(start, queue, "--concurrency", "3", "--prefetch", "5", *gate.task, cwd=gate.folder)
+    tasks = [f"t{i}" for i in range(1, 8)]
     publish(env, queue, *tasks)
     worker.wait_for(r"Received", count=3)
-    wait_for_counts(broker, queue, 2, 5)
+    wait_for_counts(broker, queue, 2, 5)  # three running (held by the gate), two waiting at the worker
     worker.signal(signal.SIGTERM)
+    worker.wait_for(r"Warm shutdown")
+    gate.open()
 
     assert worker.wait(timeout=30) == 0
     assert worker.count(r"\[x\] Received") == 3, worker.output
@@ -236,10 +239,11 @@ def test_a_failing_task_among_concurrent_ones(env, queue, start, broker):
     assert worker.proc.poll() is None
 
 
-def test_concurrency_sets_prefetch_unless_given(env, queue, start, broker):
-    worker = start_worker(start, queue, "--concurrency", "4", "--dot-seconds", "1")
-    publish(env, queue, *[f"p{i}......" for i in range(6)])  # 6 s each: running still while the counts are read
+def test_concurrency_sets_prefetch_unless_given(env, queue, start, broker, gate):
+    worker = start_worker(start, queue, "--concurrency", "4", *gate.task, cwd=gate.folder)
+    publish(env, queue, *[f"p{i}" for i in range(6)])
     worker.wait_for(r"Received", count=4)
-    wait_for_counts(broker, queue, 2, 4)
+    wait_for_counts(broker, queue, 2, 4)  # four running (held by the gate), none more taken: prefetch 4
     worker.signal(signal.SIGTERM)
+    gate.open()
     assert worker.wait(timeout=30) == 0
