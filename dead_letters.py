@@ -28,7 +28,9 @@ examples:
 
 # What worker.py wrote on a task as it failed, and when it was due: a replayed task starts afresh (and without
 # the broker's headers).
-FAILURE_HEADERS = ("x-retries", "x-error", "x-original-queue", "x-failed-at", "x-unfinished-runs", "x-due-at")
+FAILURE_HEADERS = (
+    "x-retries", "x-crashes", "x-error", "x-original-queue", "x-failed-at", "x-unfinished-runs", "x-due-at"
+)  # fmt: skip
 
 
 def make_argument_parser() -> argparse.ArgumentParser:

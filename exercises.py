@@ -498,10 +498,11 @@ def crash_loop(lab: Lab) -> tuple[Outcome, str]:
         lab.note(f"{worker.name} died ({died_how(worker.proc.returncode)}); restarting it")
     dlq, result = one_dead_letter(lab)
     return result, (
-        f"'crash' killed the worker running it {deaths} times. The next worker saw the quorum queue's "
-        f"x-delivery-count ({deaths}: it came back {deaths} times unsettled) and moved it to {dlq} without "
-        f"running it; the other {result.done} tasks were done. Unbounded, a service manager would restart "
-        "workers into the same task forever (and RabbitMQ 4 would drop it at its 21st return, without a word)."
+        f"'crash' killed the worker running it {workqueue.plural(deaths, 'time')}. It came back unacked, so "
+        "the next worker ran it in a child process of its own (a task that comes back may have killed its "
+        f"worker, or not): there it killed only the child, failed like any task, was retried and went to {dlq}; "
+        f"the other {result.done} tasks were done. Unbounded, a service manager would restart workers into the "
+        "same task forever (and RabbitMQ 4 would drop it at its 21st return, without a word)."
     )
 
 

@@ -1,11 +1,12 @@
 """What becomes of a task: the worker's decisions, as one pure function (no broker, no I/O).
 
-decide() answers, for one delivery, what the worker does next: when it arrives (run it, hand it
-back, or dead-letter it unrun: the crash-loop guards) and when its run ended (ack, retry after a
-delay, dead-letter with the reason, hand back, or nothing left to do). Its inputs are the run's
-outcome, what the message's headers say of its past (read here, by each RabbitMQ release's
-counting rules), the worker's options and its state (stopping, the channel still open). worker.py
-carries each decision out; tests/test_units.py checks them as a table, with each release's headers.
+decide() answers, for one delivery, what the worker does next: when it arrives (run it, in a child
+process if it came back unacked, hand it back, or dead-letter it unrun: the crash-loop guards) and
+when its run ended (ack, retry after a delay, dead-letter with the reason, hand back, or nothing
+left to do). Its inputs are the run's outcome, what the message's headers say of its past (read
+here, by each RabbitMQ release's counting rules), the worker's options and its state (stopping,
+the channel still open). worker.py carries each decision out; tests/test_units.py checks them as a
+table, with each release's headers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from typing import NamedTuple
 # RabbitMQ 4 gives every quorum queue a delivery limit of 20: a message whose x-delivery-count would
 # pass it is dropped (or dead-lettered by the broker, if the queue has a dead-letter exchange).
 BROKER_DELIVERY_LIMIT = 20
+# The crash-loop guard's bound: a task that came back this many times without an ack goes to the
+# dead-letter queue unrun, one return before RabbitMQ 4's limit would drop it without a word. A task
+# that came back runs in a child process of its own, so its own deaths are failures, bounded by
+# --max-retries; this bound is for what isolation cannot catch (workers killed again and again).
+RETURNS_BOUND = BROKER_DELIVERY_LIMIT - 1
 
 DEFAULT_RETRY_DELAYS = "1,10,60"  # worker.py --retry-delays: seconds before retry 1, 2, 3 and after
 
@@ -95,14 +101,32 @@ class Past(NamedTuple):
     returns: Returns = Returns()  # came back unsettled (the broker's headers)
     timed_out: int = 0  # taken back from this worker by the broker's consumer timeout (its own count: 4.3 has none)
     due: float | None = None  # when it was due (x-due-at), in seconds since the epoch
+    crashes: int = 0  # runs that killed the process running them (our x-crashes header)
+    redelivered: bool = False  # the broker delivered it before (any queue type: the delivery's flag)
+
+    @property
+    def suspect(self) -> bool:
+        """It came back without an ack (a worker died while holding it: perhaps of it, perhaps not), or it
+        killed its process before: the next run is in a child process, where a death is the task's own."""
+        return self.redelivered or self.returns.every > 0 or self.crashes > 0
 
 
-def past_of(properties, timed_out: int = 0) -> tuple[Past, str | None]:
-    """The Past in a message's headers, and a complaint about a header that is not what it should be."""
+def crashes_of(properties) -> tuple[int, str | None]:
+    """(runs that killed the process running them: our x-crashes header, a complaint if it is not a count)."""
+    value = (properties.headers or {}).get("x-crashes", 0)
+    if is_count(value):
+        return value, None
+    return 0, f"ignoring header x-crashes={value!r}: not a count of crashes"
+
+
+def past_of(properties, timed_out: int = 0, redelivered: bool = False) -> tuple[Past, str | None]:
+    """The Past in a message's headers (and the delivery's redelivered flag), and a complaint about a
+    header that is not what it should be."""
     retries, complaint = retries_of(properties)
+    crashes, crash_complaint = crashes_of(properties)
     due, due_complaint = due_of(properties)
-    complaints = "; ".join(c for c in (complaint, due_complaint) if c) or None
-    return Past(retries, returns_of(properties), timed_out, due), complaints
+    complaints = "; ".join(c for c in (complaint, crash_complaint, due_complaint) if c) or None
+    return Past(retries, returns_of(properties), timed_out, due, crashes, redelivered), complaints
 
 
 # --- The decision ------------------------------------------------------------------------
@@ -119,11 +143,13 @@ class Options(NamedTuple):
 class Outcome(enum.Enum):
     DONE = "done"
     FAILED = "failed"
+    CRASHED = "failed: it killed the child process running it"  # a failure, counted in x-crashes too
     NOT_STARTED = "not started"  # a warm shutdown began before a thread took it: it goes back
 
 
 class Act(enum.Enum):
     RUN = "hand it to a task thread"
+    RUN_IN_CHILD = "hand it to a task thread, to run in a child process of its own: if it dies, the worker lives"
     ACK = "basic.ack"
     RETRY = "publish it to a wait queue (or the queue), confirmed, then basic.ack"
     DEAD_LETTER = "publish it to <queue>.dlq with the reason, confirmed, then basic.ack"
@@ -141,6 +167,7 @@ class Decision(NamedTuple):
     delay: float = 0.0  # RETRY: seconds it waits first (0: straight back to the queue)
     why: str | None = None  # DEAD_LETTER: the reason (x-error); LOST: what took it
     unfinished: int = 0  # DEAD_LETTER by a guard: runs that ended with no result
+    crashes: int = 0  # RETRY, DEAD_LETTER: the x-crashes it carries (0: none)
 
 
 def decide(  # noqa: PLR0911 (a decision table: one return per row)
@@ -169,36 +196,39 @@ def decide(  # noqa: PLR0911 (a decision table: one return per row)
             return Decision(Act.HAND_BACK)
         unrun = unrun_because(past.returns.counted, past.timed_out, options.max_retries)
         if unrun:
-            # A crash loop (its workers died with it) or a task longer than the consumer timeout: another
+            # Workers died with it again and again, or it runs longer than the consumer timeout: another
             # run would end the same way. It goes to the dead-letter queue instead, before RabbitMQ 4's
             # delivery limit would drop it without a word.
             reason, unfinished = unrun
-            return Decision(Act.DEAD_LETTER, past.retries, why=reason, unfinished=unfinished)
-        return Decision(Act.RUN)
+            return Decision(Act.DEAD_LETTER, past.retries, why=reason, unfinished=unfinished, crashes=past.crashes)
+        # Came back unacked: its worker died, or lost its connection, or gave it back unstarted. Which of
+        # those, and whether of this task, no header tells; run alone in a child, a death will tell.
+        return Decision(Act.RUN_IN_CHILD if past.suspect else Act.RUN)
     if taken_back:
         return Decision(Act.LOST, why="the broker's consumer timeout took it back, and redelivers it")
     if not channel_open:
         return Decision(Act.LOST)  # (worker.py names what is gone: the channel, or the connection)
     if outcome is Outcome.DONE:
         return Decision(Act.ACK)
+    crashes = past.crashes + (outcome is Outcome.CRASHED)  # its next run, if any, is in a child too
     retry, delay = after_failure(past.retries, options.max_retries, options.retry_delays)
     if retry is None:
-        return Decision(Act.DEAD_LETTER, past.retries, why=why)
-    return Decision(Act.RETRY, retry, delay)
+        return Decision(Act.DEAD_LETTER, past.retries, why=why, crashes=crashes)
+    return Decision(Act.RETRY, retry, delay, crashes=crashes)
 
 
 def unrun_because(returned: int, taken_back: int, max_retries: int) -> tuple[str, int] | None:
     """Before a run: (why it goes to the dead-letter queue unrun, how many runs ended unfinished), or None.
 
     `returned` is x-delivery-count (what the broker counts toward its limit), `taken_back` how often a
-    consumer timeout took it from this worker. Each bounds only itself; deaths stop at 19 at most, so
-    the broker's limit never drops the task first."""
+    consumer timeout took it from this worker. Each bounds only itself: returns by RETURNS_BOUND (19,
+    so that the broker's limit never drops the task first), timeouts by --max-retries."""
     if taken_back > max_retries:
         return (
             f"the broker's consumer timeout took it back {taken_back} times: it runs longer than that allows",
             taken_back,
         )
-    if returned > min(max_retries, BROKER_DELIVERY_LIMIT - 1):
+    if returned > RETURNS_BOUND:
         died = "a worker died with it, lost its connection or gave it back"
         return f"it came back {returned} times without an ack ({died})", returned
     return None

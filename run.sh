@@ -5,6 +5,8 @@
 #                     (its queue-semantics tests); --rabbitmq R for one (other arguments go to pytest)
 #   ./run.sh lint     ruff check and ruff format --check
 #   ./run.sh bench    the benchmark (a few minutes; --quick for a small run; --rabbitmq R)
+#   ./run.sh chaos    random faults at a live work queue, and a ledger of every task (--seed N --seconds S
+#                     --cluster --rabbitmq R; python chaos.py --help)
 #   ./run.sh broker R install RabbitMQ R (system, 4.0 or 4.3) if missing, and start a throwaway node
 # Everything Python goes into .venv; the system's rabbitmq-server comes from its packages, and 4.0
 # and 4.3 from Debian trixie's and sid's, installed in roots of their own under /var/cache/workqueue.
@@ -177,6 +179,12 @@ case "${1:-}" in
         setup_rabbitmq "$RABBITMQ_RELEASE"
         exec .venv/bin/python bench/bench.py "$@"
         ;;
+    chaos)
+        shift
+        setup_python requirements.txt
+        setup_rabbitmq "$RABBITMQ_RELEASE"
+        exec .venv/bin/python chaos.py "$@"
+        ;;
     broker)
         shift
         setup_python requirements.txt
@@ -191,7 +199,7 @@ case "${1:-}" in
         .venv/bin/ruff format --check .
         ;;
     *)
-        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

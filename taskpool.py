@@ -75,6 +75,7 @@ class Delivery:
     past: Past  # failed runs and returns so far, from its headers (policy.past_of)
     state: TaskState = TaskState.WAITING  # see TaskPool
     taken_back: bool = False  # by the broker's consumer timeout: not ours to ack (Worker.leave_channel)
+    in_child: bool = False  # run it in a child process of its own (policy: it came back unacked, or crashed)
     received: float = field(default_factory=time.monotonic)  # when it came (time.monotonic())
 
     @property
@@ -187,7 +188,7 @@ class TaskPool:
         decides when to stop), which is all that multiprocessing's own exit handler would send them."""
         self.closing.set()
         for _ in range(2):  # twice: a task thread may have been starting a child as we began
-            for child in self.children:
+            for child in list(self.children):
                 process = child.process
                 if process is not None and process.is_alive():
                     process.kill()
@@ -260,6 +261,8 @@ class TaskPool:
         again = " (redelivered)" if delivery.redelivered else ""
         if returns > 1:
             again = f" (redelivered {returns} times)"
+        if delivery.in_child and not self.in_process:
+            again += " (in a child process)"
         priority = " (high priority)" if is_high_priority(delivery.properties) else ""
         late = ""
         if delivery.past.due is not None:  # a delayed task (new_task.py --delay), or a retry: when it was due
@@ -269,9 +272,10 @@ class TaskPool:
         self.console.say(f"[x] Received '{delivery.label}'{priority}{attempt}{again}{late}", thread)
         since = queued_since(delivery.properties, delivery.past.due)
         self.metrics.task_started(waited=None if since is None else max(0.0, time.time() - since))
-        if self.in_process:
+        crashed = False
+        if self.in_process or delivery.in_child:
             try:
-                why, seconds = self.local.child.run(delivery.body, self.time_limit)
+                why, seconds, crashed = self.run_in_child(delivery.body)
             except Exception as error:  # around the child (a pipe error we did not foresee): the task failed
                 why, seconds = reason(error), 0.0
         else:
@@ -283,7 +287,24 @@ class TaskPool:
                 why = reason(error)
             seconds = time.monotonic() - started
         self.metrics.task_ran(seconds)
-        return Result(Outcome.FAILED if why else Outcome.DONE, why, seconds, thread)
+        outcome = Outcome.CRASHED if crashed else Outcome.FAILED if why else Outcome.DONE
+        return Result(outcome, why, seconds, thread)
+
+    def run_in_child(self, body: bytes) -> tuple[str | None, float, bool]:
+        """In this thread's child process (--isolation process), or, for a task that came back unacked, in
+        one of its own, started for it and stopped after it: (why it failed, seconds, whether it died)."""
+        if self.in_process:
+            return self.local.child.run(body, self.time_limit)
+        if self.closing.is_set():
+            return "the worker is exiting", 0.0, False
+        child = ChildProcess(self.make_task)
+        self.children.append(child)  # for kill_children() at exit
+        try:
+            return child.run(body, None)
+        finally:
+            if child.process is not None:
+                child.stop()
+            self.children.remove(child)
 
 
 # Child processes start from a fresh interpreter: no threads, sockets or locks of the worker in them.
@@ -333,29 +354,31 @@ class ChildProcess:
         self.pipe.close()
         self.process = None
 
-    def run(self, body: bytes, time_limit: float | None) -> tuple[str | None, float]:
-        """Run one task in the child: (None if it was done, else why it failed; seconds it ran)."""
+    def run(self, body: bytes, time_limit: float | None) -> tuple[str | None, float, bool]:
+        """Run one task in the child: (None if it was done, else why it failed; seconds it ran; whether
+        the task killed the child: a crash, not a time limit)."""
         if self.process is None or not self.process.is_alive():  # the first task, or after a death
             if self.process is not None:
                 self.stop()
             not_started = self.start()
             if not_started:
-                return not_started, 0.0
+                return not_started, 0.0, False
         started = time.monotonic()
         why = None
         try:
             self.pipe.send_bytes(body)
             if self.pipe.poll(time_limit):  # time_limit None: wait as long as it takes
-                return self.pipe.recv(), time.monotonic() - started  # None, or why; EOFError if it died
+                return self.pipe.recv(), time.monotonic() - started, False  # None, or why; EOFError if it died
             why = f"time limit of {time_limit:g} s exceeded"
         except (EOFError, OSError):
             pass  # the child died under the task
         seconds = time.monotonic() - started
         self.process.kill()
         self.process.join()
+        crashed = why is None
         why = why or died_how(self.process.exitcode)
         self.stop()  # TaskPool.serve starts the next one once this result is out
-        return why, seconds
+        return why, seconds, crashed
 
 
 def died_how(exitcode: int | None) -> str:

@@ -254,7 +254,7 @@ class Worker:
     def receive(self, channel: BlockingChannel, method, properties, body: bytes) -> Delivery | None:
         """Run a delivery, or hand it back, or dead-letter it unrun: the delivery if it went to a task thread."""
         timed_out = self.timed_out.get(message_identity(properties, body), 0) if method.redelivered else 0
-        past, complaint = policy.past_of(properties, timed_out)
+        past, complaint = policy.past_of(properties, timed_out, method.redelivered)
         delivery = Delivery(channel, method.delivery_tag, body, properties, method.redelivered, past)
         if complaint:
             LOGGER.warning("%s (task '%s')", complaint, delivery.label)
@@ -265,6 +265,7 @@ class Worker:
         if decision.act is Act.DEAD_LETTER:  # a crash-loop guard: not run again
             self.record_failure(delivery, decision, decision.why, thread=0)
             return None
+        delivery.in_child = decision.act is Act.RUN_IN_CHILD
         self.in_hand.add(delivery)  # before submit(): its result may come back at once
         self.tasks.submit(delivery)
         self.started += 1
@@ -324,6 +325,8 @@ class Worker:
         to the work queue when its delay is over, through a broker restart or a killed worker."""
         headers = workqueue.without_broker_headers(delivery.properties.headers)
         headers["x-retries"] = decision.retry  # a retry's number; for a dead letter, the runs that failed before
+        if decision.crashes:
+            headers["x-crashes"] = decision.crashes  # its runs that killed their process: the next is in a child
         if decision.act is Act.RETRY:
             retry, delay = decision.retry, decision.delay
             headers.update(policy.due_header(time.time() + delay))  # its start shows how late it came

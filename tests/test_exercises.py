@@ -63,7 +63,11 @@ def test_round_robin_gives_one_worker_every_heavy_task(all_experiments):
     assert re.search(
         r"did 4 heavy tasks .*did 0 heavy tasks|did 0 heavy tasks .*did 4 heavy tasks", sections["round-robin"]
     )
-    assert "did 2 heavy tasks" in sections["fair-dispatch"]
+    # Prefetch 1: each worker takes one of the first two tasks, then a task whenever it is free. Which worker
+    # is free first shifts with the load on the machine (a dot is 50 ms here), but none gets every heavy task
+    # and none is left with only the light ones, as round-robin does.
+    heavy = [int(n) for n in re.findall(r"did (\d) heavy tasks", sections["fair-dispatch"])]
+    assert len(heavy) == 2 and sum(heavy) == 4 and min(heavy) >= 1, sections["fair-dispatch"]
     assert queue_after(sections["fair-dispatch"]) == (0, 0)
 
 
@@ -131,9 +135,11 @@ def test_crash_loop_is_bounded(all_experiments):
     outcomes, sections = all_experiments
     result = outcomes["crash-loop"]
     assert (result["done"], result["dead_lettered"], result["lost"]) == (3, 1, 0)
-    assert "'crash' killed the worker running it 3 times" in sections["crash-loop"]
+    assert "'crash' killed the worker running it 1 time." in sections["crash-loop"]
     assert queue_after(sections["crash-loop"], ".dlq") == (1, 0)
-    assert re.search(r"^  w1#4 \|", sections["crash-loop"], re.M)
+    assert re.search(r"^  w1#2 \|", sections["crash-loop"], re.M) and not re.search(
+        r"^  w1#3 ", sections["crash-loop"], re.M
+    )
 
 
 def test_retry_backoff_waits_between_tries(all_experiments):

@@ -26,9 +26,9 @@ from conftest import (
     wait_for_counts,
     wait_until,
 )
-from tcp_proxy import TcpProxy
 
 import new_task
+from local_broker import TcpProxy
 
 
 def all_bodies(broker, queue: str) -> list[bytes]:

@@ -359,10 +359,9 @@ def test_a_comma_in_a_password_in_amqp_url_shows_none_of_it(monkeypatch):
     ("returned", "taken_back", "max_retries", "unrun"),
     [
         (0, 0, 3, None),  # a first delivery runs (3.10's x-delivery-count 0, or none on 4.x)
-        (3, 0, 3, None),  # 3 deaths with --max-retries 3: one more run
-        (4, 0, 3, "it came back 4 times without an ack"),  # the crash-loop guard: dead-lettered unrun
-        (19, 0, 25, None),  # RabbitMQ 4's limit is 20 returns: the 20th delivery still runs...
-        (20, 0, 25, "it came back 20 times without an ack"),  # ...the 21st never: the broker would drop it
+        (4, 0, 0, None),  # returns are not failures: --max-retries does not bound them
+        (19, 0, 3, None),  # RabbitMQ 4's limit is 20 returns: the 20th delivery still runs...
+        (20, 0, 3, "it came back 20 times without an ack"),  # ...the 21st never: the broker would drop it
         (0, 1, 1, None),  # taken back once by a consumer timeout: tried again
         (0, 2, 1, "the broker's consumer timeout took it back 2 times"),  # 4.3 counts none of these
         (5, 2, 1, "the broker's consumer timeout took it back 2 times"),  # the timeout is the truer reason
@@ -404,36 +403,35 @@ def test_wait_queues_are_declared_for_the_delays_that_can_be_reached():
 # The decision for each delivery (policy.decide), with the headers each RabbitMQ release writes (the README's
 # "RabbitMQ versions" table): (release, headers, outcome, the worker's state, options, what it does).
 FIRST = {"3.10": {"x-delivery-count": 0}, "4.0": None, "4.3": None}  # a first delivery
-D, F, NS = policy.Outcome.DONE, policy.Outcome.FAILED, policy.Outcome.NOT_STARTED
+D, F, NS, C = policy.Outcome.DONE, policy.Outcome.FAILED, policy.Outcome.NOT_STARTED, policy.Outcome.CRASHED
 ARRIVED = None
 DEFAULT = policy.Options(max_retries=3, retry_delays=(1.0, 10.0, 60.0))
 DECISIONS = [
     # A delivery arrives: it runs, unless a crash-loop guard or a shutdown says otherwise.
     *[(r, FIRST[r], ARRIVED, {}, DEFAULT, (policy.Act.RUN,)) for r in FIRST],
     *[(r, FIRST[r], ARRIVED, {"stopping": True}, DEFAULT, (policy.Act.HAND_BACK,)) for r in FIRST],
-    # Its workers died with it 3 times, then 4 times (--max-retries 3): one more run, then dead-lettered unrun.
-    ("3.10", {"x-delivery-count": 3}, ARRIVED, {}, DEFAULT, (policy.Act.RUN,)),
-    ("4.3", {"x-delivery-count": 3, "x-acquired-count": 3}, ARRIVED, {}, DEFAULT, (policy.Act.RUN,)),
+    # It came back unacked (a worker died with it, lost its connection, or gave it back unstarted): whose
+    # fault, no header tells, so it runs in a child process of its own, where a death is its own. Returns
+    # do not count as failures on any release, whatever each counts (nacks: 3.10 and 4.0; rejects: all).
     *[
-        (r, h, ARRIVED, {}, DEFAULT, (policy.Act.DEAD_LETTER, 0, 0.0, "it came back 4 times without an ack", 4))
+        (r, h, ARRIVED, {}, policy.Options(max_retries=0), (policy.Act.RUN_IN_CHILD,))
         for r, h in [
             ("3.10", {"x-delivery-count": 4}),
             ("4.0", {"x-delivery-count": 4}),
-            ("4.3", {"x-delivery-count": 4, "x-acquired-count": 4}),
+            ("4.3", {"x-delivery-count": 0, "x-acquired-count": 4}),  # nacked 4 times
+            ("4.3", {"x-crashes": 1}),  # a retry of a task that killed its child: its next run in one too
         ]
     ],
-    # Three warm shutdowns handed it back (nacks): 3.10 and 4.0 count them, 4.3 does not.
-    ("3.10", {"x-delivery-count": 3}, ARRIVED, {}, policy.Options(max_retries=2), (policy.Act.DEAD_LETTER,)),
-    ("4.0", {"x-delivery-count": 3}, ARRIVED, {}, policy.Options(max_retries=2), (policy.Act.DEAD_LETTER,)),
-    ("4.3", {"x-acquired-count": 3}, ARRIVED, {}, policy.Options(max_retries=2), (policy.Act.RUN,)),
-    # --max-retries 25: the guard still acts at 20 returns, before RabbitMQ 4's limit drops the task.
-    ("4.0", {"x-delivery-count": 19}, ARRIVED, {}, policy.Options(max_retries=25), (policy.Act.RUN,)),
+    ("3.10", {"x-delivery-count": 0}, ARRIVED, {"redelivered": True}, DEFAULT, (policy.Act.RUN_IN_CHILD,)),  # classic
+    # Workers died with it 19 times: a last run. 20: RabbitMQ 4 would drop it at the next return; dead-lettered.
+    ("4.0", {"x-delivery-count": 19}, ARRIVED, {}, DEFAULT, (policy.Act.RUN_IN_CHILD,)),
     *[
-        (r, h, ARRIVED, {}, policy.Options(max_retries=25), (policy.Act.DEAD_LETTER, 0, 0.0, "it came back 20 times"))
-        for r, h in [("4.0", {"x-delivery-count": 20}), ("4.3", {"x-delivery-count": 20, "x-acquired-count": 22})]
+        (r, h, ARRIVED, {}, DEFAULT, (policy.Act.DEAD_LETTER, 0, 0.0, "it came back 20 times without an ack", 20))
+        for r, h in [("3.10", {"x-delivery-count": 20}), ("4.3", {"x-delivery-count": 20, "x-acquired-count": 22})]
     ],
     # A consumer timeout took it back twice (--max-retries 1): 4.3 counts none of it, the worker does.
-    ("4.3", {"x-acquired-count": 1}, ARRIVED, {"timed_out": 1}, policy.Options(max_retries=1), (policy.Act.RUN,)),
+    ("4.3", {"x-acquired-count": 1}, ARRIVED, {"timed_out": 1}, policy.Options(max_retries=1),
+     (policy.Act.RUN_IN_CHILD,)),
     ("4.3", {"x-acquired-count": 2}, ARRIVED, {"timed_out": 2}, policy.Options(max_retries=1),
      (policy.Act.DEAD_LETTER, 0, 0.0, "the broker's consumer timeout took it back 2 times", 2)),
     ("3.10", {"x-delivery-count": 2}, ARRIVED, {"timed_out": 2}, policy.Options(max_retries=1),
@@ -448,6 +446,10 @@ DECISIONS = [
     ("3.10", {"x-retries": 0}, F, {"why": "boom"}, policy.Options(retry_delays=(0.0,)), (policy.Act.RETRY, 1, 0.0)),
     ("3.10", {"x-retries": "oops"}, F, {"why": "boom"}, DEFAULT, (policy.Act.RETRY, 1, 1.0)),  # not a count: 0
     ("4.3", None, F, {"why": "boom"}, policy.Options(max_retries=0), (policy.Act.DEAD_LETTER, 0, 0.0, "boom")),
+    # It killed the child process running it: a failure, and its next run is in a child too (x-crashes).
+    ("4.3", None, C, {"why": "killed by signal 9"}, DEFAULT, (policy.Act.RETRY, 1, 1.0), 1),
+    ("4.3", {"x-retries": 3, "x-crashes": 2}, C, {"why": "killed"}, DEFAULT, (policy.Act.DEAD_LETTER, 3, 0.0), 3),
+    ("4.3", {"x-retries": 1, "x-crashes": 1}, F, {"why": "boom"}, DEFAULT, (policy.Act.RETRY, 2, 10.0), 1),
     # Its retry or dead letter could not be published: held and tried again; at a shutdown, back (reject).
     ("4.3", None, F, {"unrecorded": True}, DEFAULT, (policy.Act.HOLD,)),
     ("4.3", None, F, {"unrecorded": True, "stopping": True}, DEFAULT, (policy.Act.REJECT,)),
@@ -465,11 +467,17 @@ DECISIONS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("release", "headers", "outcome", "state", "options", "expected"), DECISIONS)
-def test_what_becomes_of_a_delivery(release, headers, outcome, state, options, expected):
+@pytest.mark.parametrize(
+    ("release", "headers", "outcome", "state", "options", "expected", "crashes"),
+    [row if len(row) == 7 else (*row, 0) for row in DECISIONS],  # crashes: the x-crashes a retry or dead letter carries
+)
+def test_what_becomes_of_a_delivery(release, headers, outcome, state, options, expected, crashes):
     state = dict(state)
-    past, _ = policy.past_of(pika.BasicProperties(headers=headers), state.pop("timed_out", 0))
+    past, _ = policy.past_of(
+        pika.BasicProperties(headers=headers), state.pop("timed_out", 0), state.pop("redelivered", False)
+    )
     decision = policy.decide(outcome, past, options, **state)
+    assert decision.crashes == crashes
     act, retry, delay, why, unfinished = (*expected, *(0, 0.0, None, None)[len(expected) - 1 :])
     assert decision.act is act
     if len(expected) > 1:

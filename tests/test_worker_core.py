@@ -20,7 +20,8 @@ from conftest import (
     start_worker,
     wait_for_counts,
 )
-from tcp_proxy import TcpProxy
+
+from local_broker import TcpProxy
 
 
 @pytest.fixture
