@@ -116,23 +116,29 @@ class Lab:
             return 0
 
     def start_workers(self, system: System, count: int) -> list[subprocess.Popen]:
-        return [
-            subprocess.Popen(
-                system.worker,
-                env={**self.env, **system.env},
-                cwd=BENCH,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: Dramatiq forks worker processes
-            )
-            for _ in range(count)
-        ]
+        self.worker_log = self.tmp / "workers.log"  # what they print: shown if they stall
+        with open(self.worker_log, "wb") as log:
+            return [
+                subprocess.Popen(
+                    system.worker,
+                    env={**self.env, **system.env},
+                    cwd=BENCH,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,  # its own process group: Dramatiq forks worker processes
+                )
+                for _ in range(count)
+            ]
 
     def wait_done(self, expected: int, timeout: float, system: System) -> float:
         deadline = time.monotonic() + timeout
         while self.done() < expected:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{system.name}: {self.done()} of {expected} tasks done in {timeout:.0f}s")
+                said = self.worker_log.read_text(errors="replace").strip().splitlines()[-15:]
+                raise RuntimeError(
+                    f"{system.name}: {self.done()} of {expected} tasks done in {timeout:.0f}s; "
+                    f"its worker's last lines:\n" + "\n".join(said or ["(none)"])
+                )
             time.sleep(0.005)
         return time.perf_counter()
 
