@@ -382,6 +382,7 @@ class TcpProxy:
         self.frozen: set[socket.socket] = set()  # sockets whose data is read and thrown away
         self.lock = threading.Lock()
         self.accepted = 0
+        self.hang_ups = 0  # how many of the next connections to hang up on during the login
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, user: str = "guest", password: str = "guest") -> str:
@@ -402,12 +403,20 @@ class TcpProxy:
             with self.lock:
                 self.connections += [client, upstream]
                 self.accepted += 1
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+                hang_up, self.hang_ups = self.hang_ups > 0, max(0, self.hang_ups - 1)
+            # The client speaks first (the protocol header); its second write is its login (Start-Ok).
+            hang_up_after = 1 if hang_up else None
+            for source, sink, writes in ((client, upstream, hang_up_after), (upstream, client, None)):
+                threading.Thread(target=self._pipe, args=(source, sink, writes), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, writes: int | None = None) -> None:
+        """Forward source to sink; after `writes` of them, end both at the next one (None: never)."""
         try:
             while data := source.recv(65536):
+                if writes is not None:
+                    if writes == 0:
+                        break
+                    writes -= 1
                 if source not in self.frozen:
                     sink.sendall(data)
         except OSError:
@@ -428,6 +437,12 @@ class TcpProxy:
                 sock.close()  # linger 0: the peer sees a reset, not a clean close
             except OSError:
                 pass
+
+    def hang_up_at_login(self, connections: int) -> None:
+        """The next `connections` connections end as the client sends its login, as a broker that is
+        stopping does: pika cannot tell that from a refused password (ProbableAuthenticationError)."""
+        with self.lock:
+            self.hang_ups = connections
 
     def freeze(self) -> None:
         """From now on, nothing passes either way on the open connections; new ones work."""

@@ -146,14 +146,14 @@ def is_connection_lost(error: BaseException) -> bool:
 
 
 def is_login_refused(error: BaseException) -> bool:
-    """Wrong user, password or vhost: retrying cannot help."""
-    return isinstance(
-        error,
-        (
-            pika.exceptions.ProbableAuthenticationError,
-            pika.exceptions.ProbableAccessDeniedError,
-        ),
-    ) or (isinstance(error, pika.exceptions.ConnectionClosedByBroker) and error.reply_code in (403, 530))
+    """Wrong user, password or vhost: retrying cannot help.
+
+    pika's Probable* errors are a guess from the stage at which the connection closed; they are a
+    refusal only when the broker said so (403 ACCESS_REFUSED, 530 NOT_ALLOWED, which pika wraps). A
+    connection that merely ended there (EOF, reset) is a broker stopping or starting: lost, retried."""
+    if isinstance(error, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)):
+        return str(error).startswith("ConnectionClosedByBroker")
+    return isinstance(error, pika.exceptions.ConnectionClosedByBroker) and error.reply_code in (403, 530)
 
 
 def describe(error: BaseException) -> str:

@@ -110,6 +110,21 @@ def test_workers_and_producer_ride_out_a_broker_restart(queue, start, running_br
     assert all(worker.proc.poll() is None for worker in workers)
 
 
+def test_a_broker_that_hangs_up_during_the_login_is_retried_not_taken_for_a_wrong_password(
+    env, queue, start, broker, proxy
+):
+    """A broker that is stopping ends new connections as they log in; pika calls that a probable
+    authentication error. Worker and producer retry it (exit 4 is for a refusal the broker states)."""
+    proxy.hang_up_at_login(2)
+    worker = start_worker(start, queue, "--url", proxy.url())
+    worker.wait_for(r"Waiting for messages", timeout=30)
+    proxy.hang_up_at_login(2)
+    producer = run_script("new_task.py", "--queue", queue, "--url", proxy.url(), "hello.", env=env)
+    assert producer.returncode == 0, producer.stderr
+    worker.wait_for(r"Done 'hello\.'")
+    assert proxy.accepted >= 6 and "login refused" not in worker.output + producer.stderr
+
+
 def test_producer_sends_every_unconfirmed_message_again_after_a_cut(queue, start, broker, proxy, tmp_path):
     count = 150_000
     tasks = tmp_path / "tasks.txt"
