@@ -678,9 +678,13 @@ def lost_acks(running: int) -> str:
 
 
 def republished(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
-    """The task's own properties (message_id, correlation_id, content_type...) with new headers."""
+    """The task's own properties (message_id, correlation_id, content_type...) with new headers.
+
+    Not its expiration: that was for the wait before its first delivery, and in a wait queue or the
+    dead-letter queue it would make the broker drop the task (as RabbitMQ's own dead-lettering does)."""
     properties = copy.copy(properties)
     properties.headers = headers
+    properties.expiration = None
     properties.delivery_mode = properties.delivery_mode or pika.DeliveryMode.Persistent
     if properties.user_id is not None:
         # The broker refuses a user_id other than the publisher's own: keep it as a header instead.

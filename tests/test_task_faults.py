@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import pika
 import pytest
@@ -317,6 +318,23 @@ def test_a_child_that_dies_while_starting_fails_the_task_with_the_reason(env, qu
     assert "EOFError" not in worker.output and worker.proc.poll() is None
     wait_for_counts(broker, queue, 0, 0)
     assert [body for body, _ in dead_letters(broker, queue)] == [b"first", b"second"]
+
+
+def test_a_dead_letter_outlives_the_expiration_its_producer_gave_the_task(env, queue, start, broker):
+    """A producer's per-message TTL (expiration) is for the wait before the task is taken: copied onto
+    the dead letter, it would make the broker drop it from the dead-letter queue unseen."""
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.confirm_delivery()
+        channel.basic_publish("", queue, b"an error", pika.BasicProperties(expiration="1500", delivery_mode=2))
+    worker = start_worker(start, queue, "--max-retries", "0")
+    worker.wait_for(r"Failed 'an error': TaskFailed: the task says 'error'; moved to ")
+    moved = time.monotonic()
+    while time.monotonic() < moved + 3:  # twice the expiration: the broker would have dropped it by now
+        assert ready_count(broker.url, queue + ".dlq") == 1, "the dead letter expired"
+        time.sleep(0.25)
+    assert [body for body, _ in dead_letters(broker, queue)] == [b"an error"]
 
 
 def test_a_task_past_a_lowered_max_retries_runs_its_attempt(env, queue, start, broker):
