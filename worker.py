@@ -215,8 +215,8 @@ class Worker:
     def on_task_done(self, delivery: Delivery, result: Result) -> None:
         """The tutorial's callback, second half: the task's run ended (or never began, at a warm shutdown).
         Ack it, retry it, dead-letter it or hand it back, on its own channel: delivery tags are per channel."""
+        self.in_hand.discard(delivery)  # first: a warm shutdown acted on now waits for the others only
         self.act_on_stop()  # before an ack: the broker would send the next task at once
-        self.in_hand.discard(delivery)
         if result.why and result.why.startswith("time limit of"):
             self.metrics.settled("timed_out")  # counted once, whatever becomes of the task
         decision = self.decide(delivery, result.outcome, why=result.why)

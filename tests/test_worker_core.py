@@ -206,6 +206,25 @@ def test_warm_shutdown_finishes_every_running_task_and_hands_back_the_rest(env, 
     assert sorted(body.decode() for body, _ in get_all(broker, queue)) == sorted(set(tasks) - set(done_tasks(worker)))
 
 
+SIGINT_AT_THE_END = """
+import os, signal
+
+def run(body):
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl+C that lands as the task ends
+"""
+
+
+def test_a_stop_that_lands_as_the_only_task_ends_finishes_nothing_more(env, queue, start, broker, tmp_path):
+    """The task that just ended is not counted among those the warm shutdown still waits for."""
+    (tmp_path / "stops.py").write_text(SIGINT_AT_THE_END)
+    worker = start_worker(start, queue, "--task", "stops:run", cwd=tmp_path)
+    publish(env, queue, "last")
+    assert worker.wait(timeout=30) == 0
+    assert done_tasks(worker) == ["last"]
+    assert "Finishing" not in worker.output, worker.output
+    wait_for_counts(broker, queue, 0, 0)
+
+
 @pytest.mark.queue_semantics
 def test_a_cut_with_n_running_redelivers_each_once_and_acks_nothing_on_the_new_channel(
     env, queue, start, broker, proxy
