@@ -52,6 +52,9 @@ WARM_STOP_BOUND = 30.0  # a hang (6 s), a retry held by a memory alarm (6 s), an
 COLD_STOP_BOUND = 10.0
 STOP_BOUNDS = {"kill -9": COLD_STOP_BOUND, "warm stop": WARM_STOP_BOUND, "cold stop": COLD_STOP_BOUND}
 RESTART_PAUSE = 0.5  # seconds before a stopped worker is started again (systemd's RestartSec)
+# A stop is aimed only at a worker this old: before its handlers are in place (Python and pika still
+# loading) a Ctrl+C ends it by KeyboardInterrupt, as it would any program starting up.
+STARTING_SECONDS = 5.0
 
 # What each task does, and how often: most are ordinary; the rest are faults of the task's own.
 KINDS = {"ok": 94, "fail": 3, "crash": 1.5, "hang": 1.5}
@@ -242,6 +245,7 @@ class Supervised:
         self.chaos, self.name, self.settings, self.urls = chaos, name, settings, urls
         self.lock = threading.Lock()
         self.process: subprocess.Popen | None = None
+        self.started = 0.0  # when the process started (time.monotonic())
         self.stopping: tuple[str, float, float] | None = None  # (what, when, bound)
         self.recycled = 0
         self.log = open(chaos.logs / f"{name}.log", "ab")  # noqa: SIM115 (open as long as the worker runs)
@@ -265,6 +269,7 @@ class Supervised:
                 if self.chaos.ending.is_set():
                     return
                 self.process = self.start_process()
+                self.started = time.monotonic()
             self.wait()
             if self.chaos.ending.is_set():
                 return
@@ -272,15 +277,19 @@ class Supervised:
 
     def wait(self) -> None:
         """Until the process exits, holding any stop asked of it to its bound; then judge its exit."""
+        overran = False
         while True:
             with self.lock:
                 stopping = self.stopping
-            timeout = max(0.0, stopping[1] + stopping[2] - time.monotonic()) if stopping else 0.5
+            timeout = 0.5
+            if stopping and not overran:
+                timeout = max(0.0, stopping[1] + stopping[2] - time.monotonic())
             try:
                 code = self.process.wait(timeout=timeout)
                 break
             except subprocess.TimeoutExpired:
-                if stopping:
+                if stopping and not overran:  # once: then wait for the kill to land
+                    overran = True
                     what, _, bound = stopping
                     self.chaos.ledger.overruns.append(f"{self.name}'s {what} ran past {bound:g} s")
                     self.chaos.timeline.say(f"{self.name}: {what} still running after {bound:g} s: kill -9")
@@ -304,13 +313,16 @@ class Supervised:
         if code not in expected:
             self.chaos.ledger.bad_exits.append(f"{self.name} exit {code} (see {self.log.name})")
 
-    def hit(self, kind: str) -> None:
-        """Carry out a fault aimed at this worker, and say so on the timeline first."""
+    def hit(self, kind: str) -> bool:
+        """Carry out a fault aimed at this worker, and say so on the timeline first; False if skipped."""
         with self.lock:
             process = self.process
             if process is None or process.poll() is not None or self.stopping:
                 self.chaos.timeline.say(f"{kind} {self.name}: not running, skipped")
-                return
+                return False
+            if kind in ("warm stop", "cold stop") and time.monotonic() - self.started < STARTING_SECONDS:
+                self.chaos.timeline.say(f"{kind} {self.name}: still starting, skipped")
+                return False
             if kind in STOP_BOUNDS:
                 self.stopping = (kind, time.monotonic(), STOP_BOUNDS[kind])
         self.chaos.timeline.say(f"{kind} {self.name} (pid {process.pid})")
@@ -328,9 +340,11 @@ class Supervised:
         elif kind == "silent connection":
             for proxy in self.chaos.proxies[self.name]:
                 proxy.freeze()
+        return True
 
     def stop(self) -> None:
         """At the end: a warm stop, held to its bound; not started again."""
+        time.sleep(max(0.0, self.started + STARTING_SECONDS - time.monotonic()))
         self.hit("warm stop")
         self.thread.join(WARM_STOP_BOUND + 10)
         self.log.close()
@@ -402,8 +416,8 @@ class Chaos:
         feeder.start()
         for fault in faults:
             time.sleep(max(0.0, fault.at - self.timeline.now()))
-            self.strike(fault)
-            self.ledger.faults += 1
+            if self.strike(fault):
+                self.ledger.faults += 1
         feeder.join()
         self.timeline.say(f"the last of {len(self.ledger.sent)} tasks written to the producer; waiting for it")
         try:
@@ -464,11 +478,10 @@ class Chaos:
         except BrokenPipeError:
             pass
 
-    def strike(self, fault: Fault) -> None:
-        """Carry out one fault (a broker's waits until it is back), and say what it was."""
+    def strike(self, fault: Fault) -> bool:
+        """Carry out one fault (a broker's waits until it is back), and say what it was; False if skipped."""
         if fault.kind in WORKER_FAULTS:
-            next(w for w in self.workers if w.name == fault.target).hit(fault.kind)
-            return
+            return next(w for w in self.workers if w.name == fault.target).hit(fault.kind)
         node = self.nodes[int(fault.target)]
         where = f"node {fault.target}" if len(self.nodes) > 1 else "the broker"
         if fault.kind == "memory alarm":
@@ -477,7 +490,7 @@ class Chaos:
             time.sleep(fault.hold)
             node.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
             self.timeline.say("memory alarm cleared")
-            return
+            return True
         if fault.kind == "broker restart":
             self.timeline.say(f"{where}: stop (rabbitmqctl stop), down for {fault.hold:g} s")
             node.stop()
@@ -489,6 +502,7 @@ class Chaos:
         if isinstance(self.broker, local_broker.BrokerCluster):
             self.broker.wait_running(len(self.nodes), timeout=180)
         self.timeline.say(f"{where} is back")
+        return True
 
     def wait_empty(self, timeout: float) -> int:
         """Until the work queue and its wait queues hold nothing, twice a second apart; what they hold."""

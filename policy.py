@@ -145,6 +145,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     CRASHED = "failed: it killed the child process running it"  # a failure, counted in x-crashes too
     NOT_STARTED = "not started"  # a warm shutdown began before a thread took it: it goes back
+    CANNOT_RUN = "not run: no child process could start for it"  # the worker's fault, not the task's: it goes back
 
 
 class Act(enum.Enum):
@@ -185,7 +186,7 @@ def decide(  # noqa: PLR0911 (a decision table: one return per row)
     (`why`: why it failed). `stopping`: a warm shutdown (or --max-tasks) ended the taking of tasks.
     `channel_open`: its channel can still take an ack. `taken_back`: a consumer timeout took it back
     while it ran. `unrecorded`: its retry or dead letter could not be published."""
-    if outcome is Outcome.NOT_STARTED:
+    if outcome is Outcome.NOT_STARTED or (outcome is Outcome.CANNOT_RUN and not options.auto_ack):
         return Decision(Act.HAND_BACK if channel_open else Act.DROPPED)
     if options.auto_ack:  # the broker forgot it when it delivered it: ours alone, run it even when stopping
         return Decision(Act.RUN if outcome is None else Act.FORGOTTEN)

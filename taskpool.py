@@ -172,6 +172,9 @@ class TaskPool:
         self.threads = args.concurrency
         self.children: list[ChildProcess] = []
         self.closing = threading.Event()  # set at exit: no child is started any more
+        # Why a child process could not start, if one could not: the worker's fault, not a task's. Written by
+        # task threads (one assignment of a str, atomic), read by the connection's thread.
+        self.cannot_run: str | None = None
         for number in range(1, args.concurrency + 1):
             # Daemon threads: a worker that exits on an error does not wait for a hung task.
             threading.Thread(target=self.serve, args=(number,), name=f"task-{number}", daemon=True).start()
@@ -182,6 +185,8 @@ class TaskPool:
         finds every child past the point where it ignores SIGINT and SIGTERM)."""
         for _ in range(self.threads):
             self.starting.acquire(timeout=CHILD_START_SECONDS + 5)
+        if self.cannot_run:  # no task is taken: they would all fail for the worker's fault
+            raise CannotRunTasks(f"cannot run tasks: {self.cannot_run}")
 
     def kill_children(self) -> None:
         """At exit: kill the child processes, and start no new one. They do not stop on SIGTERM (the worker
@@ -227,7 +232,7 @@ class TaskPool:
             if self.in_process:
                 self.local.child = ChildProcess(self.make_task)
                 self.children.append(self.local.child)  # (list.append is atomic) for kill_children() at exit
-                self.local.child.start()  # if it fails, the first task tries again and fails with the reason
+                self.cannot_run = self.local.child.start() or self.cannot_run  # wait_ready() says why
         finally:
             self.starting.release()
         while True:
@@ -276,6 +281,11 @@ class TaskPool:
         if self.in_process or delivery.in_child:
             try:
                 why, seconds, crashed = self.run_in_child(delivery.body)
+            except ChildDidNotStart as error:  # not the task's fault: it goes back
+                if self.closing.is_set():  # killed by kill_children() as it started: the worker is exiting
+                    return Result(Outcome.NOT_STARTED)
+                self.cannot_run = str(error)  # and the worker stops: so would every other task
+                return Result(Outcome.CANNOT_RUN, str(error), 0.0, thread)
             except Exception as error:  # around the child (a pipe error we did not foresee): the task failed
                 why, seconds = reason(error), 0.0
         else:
@@ -295,16 +305,26 @@ class TaskPool:
         one of its own, started for it and stopped after it: (why it failed, seconds, whether it died)."""
         if self.in_process:
             return self.local.child.run(body, self.time_limit)
-        if self.closing.is_set():
-            return "the worker is exiting", 0.0, False
         child = ChildProcess(self.make_task)
         self.children.append(child)  # for kill_children() at exit
         try:
+            if self.closing.is_set():  # after the append: kill_children() sees this child, or we see closing
+                raise ChildDidNotStart("the worker is exiting")
             return child.run(body, None)
         finally:
             if child.process is not None:
                 child.stop()
             self.children.remove(child)
+
+
+class ChildDidNotStart(Exception):
+    """A child process to run a task could not start (fork failed, the task's module did not load)."""
+
+
+class CannotRunTasks(workqueue.WorkQueueError):
+    """The worker cannot run any task: it takes none, and exits (a supervisor may start it again)."""
+
+    exit_code = workqueue.EXIT_CANNOT_RUN_TASKS
 
 
 # Child processes start from a fresh interpreter: no threads, sockets or locks of the worker in them.
@@ -361,8 +381,11 @@ class ChildProcess:
             if self.process is not None:
                 self.stop()
             not_started = self.start()
+            if not_started:  # once more: a start can fail for a passing reason (no memory to fork for a moment)
+                time.sleep(1)
+                not_started = self.start()
             if not_started:
-                return not_started, 0.0, False
+                raise ChildDidNotStart(not_started)
         started = time.monotonic()
         why = None
         try:

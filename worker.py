@@ -46,7 +46,7 @@ import policy
 import workqueue
 from metrics import Metrics, NoMetrics
 from policy import Act, Outcome
-from taskpool import Console, Delivery, Result, TaskPool, TaskState, load_task, message_identity
+from taskpool import CannotRunTasks, Console, Delivery, Result, TaskPool, TaskState, load_task, message_identity
 
 LOGGER = logging.getLogger("worker")
 
@@ -127,6 +127,7 @@ class Worker:
         # How often a consumer timeout took each task back from us while it ran (by Delivery.identity).
         self.timed_out: dict[str, int] = {}
         self.retired: set[BlockingChannel] = set()  # channels left while tasks of theirs still run (4.3)
+        self.fatal: workqueue.WorkQueueError | None = None  # why the worker gave up, once it has
 
     def run(self) -> int:
         """Connect, consume, and reconnect after every loss, until told to stop."""
@@ -157,6 +158,8 @@ class Worker:
                     backoff.reset()
                 workqueue.sleep_unless(backoff.next(), lambda: self.shutdown.stopping)  # never a tight loop
         self.finish_orphans()
+        if self.fatal:
+            raise self.fatal
         return workqueue.EXIT_OK
 
     def consume(self, connection: pika.BlockingConnection) -> None:
@@ -216,6 +219,8 @@ class Worker:
         """The tutorial's callback, second half: the task's run ended (or never began, at a warm shutdown).
         Ack it, retry it, dead-letter it or hand it back, on its own channel: delivery tags are per channel."""
         self.in_hand.discard(delivery)  # first: a warm shutdown acted on now waits for the others only
+        if result.outcome is Outcome.CANNOT_RUN:
+            self.give_up(CannotRunTasks(f"cannot run tasks: {result.why}"))
         self.act_on_stop()  # before an ack: the broker would send the next task at once
         if result.why and result.why.startswith("time limit of"):
             self.metrics.settled("timed_out")  # counted once, whatever becomes of the task
@@ -430,6 +435,16 @@ class Worker:
         self.metrics.problem = "shutting down"  # for /healthz at once, even while reconnecting (one assignment too)
         os.write(1, f"{self.args.name} [*] Warm shutdown: taking no new tasks\n".encode())
 
+    def give_up(self, error: workqueue.WorkQueueError) -> None:
+        """The worker cannot go on (no child process starts: every task would fail for our fault, and be
+        dead-lettered as its own): take no more tasks, hand back those not started, finish the running
+        ones, then exit with `error`'s code. A supervisor may start it again."""
+        if self.fatal is None:
+            self.fatal = error
+            self.metrics.problem = str(error)
+            LOGGER.error("%s; taking no more tasks, and handing back those not started", error)
+            self.shutdown.give_up()
+
     def act_on_stop(self) -> None:
         """A warm shutdown was asked for and a consumer still runs: act now. Called at the connection
         thread's next chance: in tick(), on_message(), and before an ack (an ack would let the broker send
@@ -635,14 +650,15 @@ class Shutdown:
       whose retry could not be published goes back (reject). Then the worker exits 0.
     (A second signal is a cold shutdown: the worker exits at once, acking nothing.)
 
-    Who writes what: `requested` is written once, by the signal handler, and read by every thread (a
+    Who writes what: `requested` is written once, by the signal handler or give_up() (both in the
+    connection's thread), and read by every thread (a
     task thread asks tasks_may_start() before it starts a task): from then on the worker is stopping.
     `phase` belongs to the connection's thread; Worker.stop_taking_tasks() is the one place that changes
     it and acts on the change, as soon as a consumer runs to be cancelled (Worker.act_on_stop).
     """
 
     def __init__(self, auto_ack: bool):
-        self.requested: int | None = None  # the signal that asked for a warm shutdown
+        self.requested: int | None = None  # the signal that asked for a warm shutdown (0: the worker itself)
         self.phase = Phase.TAKING
         self.auto_ack = auto_ack
 
@@ -650,6 +666,11 @@ class Shutdown:
     def stopping(self) -> bool:
         """No more tasks are taken: asked for, or acted on."""
         return self.requested is not None or self.phase is not Phase.TAKING
+
+    def give_up(self) -> None:
+        """A warm shutdown the worker asks of itself (Worker.give_up): a request like a signal's."""
+        if self.requested is None:
+            self.requested = 0
 
     def tasks_may_start(self) -> bool:
         """In any thread. After a signal no task starts, except auto-acked ones: the broker forgot them."""

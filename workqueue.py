@@ -41,6 +41,7 @@ EXIT_NOT_CONFIRMED = 6
 EXIT_NO_SUCH_QUEUE = 7
 EXIT_QUEUE_IN_USE = 8
 EXIT_ACCESS_REFUSED = 9
+EXIT_CANNOT_RUN_TASKS = 10
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -50,6 +51,7 @@ exit codes:
   3  broker unreachable          7  no such queue (delete_queue.py)
                                  8  queue not empty / in use (delete_queue.py)
                                  9  access refused (the user's permissions)
+                                10  cannot run tasks (worker.py: no child process starts)
 """
 
 
@@ -152,7 +154,8 @@ def is_login_refused(error: BaseException) -> bool:
     refusal only when the broker said so (403 ACCESS_REFUSED, 530 NOT_ALLOWED, which pika wraps). A
     connection that merely ended there (EOF, reset) is a broker stopping or starting: lost, retried."""
     if isinstance(error, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)):
-        return str(error).startswith("ConnectionClosedByBroker")
+        stated = re.match(r"ConnectionClosedByBroker: \((\d+)\)", str(error))
+        return bool(stated) and int(stated.group(1)) in (403, 530)
     return isinstance(error, pika.exceptions.ConnectionClosedByBroker) and error.reply_code in (403, 530)
 
 

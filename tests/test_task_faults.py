@@ -115,6 +115,8 @@ def test_tasks_a_crash_took_down_with_it_run_and_are_not_dead_lettered(env, queu
     w2.wait_for(r"Done '", count=2)
     w2.wait_for(r"Failed 'crash': killed by signal 9 \(SIGKILL\); moved to ")
     assert sorted(done_tasks(w2)) == ["ok1.", "ok2."], w2.output
+    # w1 held them when it died (the broker sent all three at once): they came back, and ran
+    assert w2.count(r"Received 'ok\d\.' \(redelivered\)") == 2, w2.output
     wait_for_counts(broker, queue, 0, 0)
     assert [body for body, _ in dead_letters(broker, queue)] == [b"crash"]
 
@@ -307,28 +309,64 @@ def work(body):
 """
 
 
-def test_a_child_that_dies_while_starting_fails_the_task_with_the_reason(env, queue, start, broker, tmp_path):
+def test_a_worker_whose_child_processes_cannot_start_takes_no_task(env, queue, start, broker, tmp_path):
+    """Every task would fail in milliseconds, for the worker's fault, and be dead-lettered as its own:
+    the worker takes none, says why in one line and exits 10; the tasks stay in the queue."""
     (tmp_path / "dies.py").write_text(DIES_IN_THE_CHILD)
-    worker = start_worker(
-        start, queue, "--task", "dies:work", "--isolation", "process", "--max-retries", "0", cwd=tmp_path
-    )
     publish(env, queue, "first", "second")
-    worker.wait_for(r"Failed 'second': the child process to run it died while starting: its process exited with code 3")
-    assert "Failed 'first': the child process to run it died while starting" in worker.output
-    assert "EOFError" not in worker.output and worker.proc.poll() is None
-    wait_for_counts(broker, queue, 0, 0)
-    assert [body for body, _ in dead_letters(broker, queue)] == [b"first", b"second"]
+    worker = start("worker.py", "--queue", queue, "--task", "dies:work", "--isolation", "process", cwd=tmp_path)
+    assert worker.wait(timeout=60) == 10
+    assert worker.output.strip().splitlines()[-1] == (
+        "worker.py: error: cannot run tasks: the child process to run it died while starting: "
+        "its process exited with code 3"
+    ), worker.output
+    assert "Received" not in worker.output and "EOFError" not in worker.output
+    wait_for_counts(broker, queue, 2, 0)  # untouched: never delivered
+
+
+BREAKS_LATER = """
+import multiprocessing, os
+
+if multiprocessing.parent_process() is not None and os.path.exists("broken"):  # a child, once broken
+    os._exit(3)
+
+def work(body):
+    if body == b"crash":
+        os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_worker_whose_child_processes_stop_starting_hands_the_task_back_and_exits(
+    env, queue, start, broker, tmp_path
+):
+    """A child that cannot start after a crash (here: the module fails to load from now on) is the worker's
+    fault: the task it was for goes back untouched, no other starts, and the worker exits 10."""
+    (tmp_path / "breaks.py").write_text(BREAKS_LATER)
+    worker = start_worker(
+        start, queue, "--task", "breaks:work", "--isolation", "process", "--max-retries", "0", cwd=tmp_path
+    )
+    publish(env, queue, "fine")
+    worker.wait_for(r"Done 'fine'")
+    (tmp_path / "broken").touch()
+    publish(env, queue, "crash", "next", "last")
+    assert worker.wait(timeout=60) == 10, worker.output
+    assert "Failed 'crash': killed by signal 9" in worker.output  # its own fault: dead-lettered
+    assert "cannot run tasks: the child process to run it died while starting" in worker.output
+    assert "Done 'next'" not in worker.output and "Failed 'next'" not in worker.output
+    wait_for_counts(broker, queue, 2, 0)
+    assert sorted(body for body, _ in get_all(broker, queue)) == [b"last", b"next"]
+    assert [body for body, _ in dead_letters(broker, queue)] == [b"crash"]
 
 
 def test_a_dead_letter_outlives_the_expiration_its_producer_gave_the_task(env, queue, start, broker):
     """A producer's per-message TTL (expiration) is for the wait before the task is taken: copied onto
     the dead letter, it would make the broker drop it from the dead-letter queue unseen."""
+    worker = start_worker(start, queue, "--max-retries", "0")  # first: the task must not expire in the queue
     with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
         channel = connection.channel()
         channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
         channel.confirm_delivery()
         channel.basic_publish("", queue, b"an error", pika.BasicProperties(expiration="1500", delivery_mode=2))
-    worker = start_worker(start, queue, "--max-retries", "0")
     worker.wait_for(r"Failed 'an error': TaskFailed: the task says 'error'; moved to ")
     moved = time.monotonic()
     while time.monotonic() < moved + 3:  # twice the expiration: the broker would have dropped it by now

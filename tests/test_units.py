@@ -92,6 +92,10 @@ def test_login_errors_are_not_retried_but_lost_connections_are():
     # ... and the same guess when a stopping broker hung up during the login: lost, and retried
     hung_up = pika.exceptions.ProbableAuthenticationError("StreamLostError: ('Transport indicated EOF',)")
     assert not workqueue.is_login_refused(hung_up) and workqueue.is_connection_lost(hung_up)
+    forced = pika.exceptions.ProbableAuthenticationError(
+        "ConnectionClosedByBroker: (320) 'CONNECTION_FORCED - shutdown'"
+    )
+    assert not workqueue.is_login_refused(forced) and workqueue.is_connection_lost(forced)
     assert workqueue.is_connection_lost(pika.exceptions.ConnectionClosedByBroker(320, "CONNECTION_FORCED"))
     assert workqueue.is_connection_lost(pika.exceptions.StreamLostError("reset"))
 
@@ -412,6 +416,7 @@ def test_wait_queues_are_declared_for_the_delays_that_can_be_reached():
 # "RabbitMQ versions" table): (release, headers, outcome, the worker's state, options, what it does).
 FIRST = {"3.10": {"x-delivery-count": 0}, "4.0": None, "4.3": None}  # a first delivery
 D, F, NS, C = policy.Outcome.DONE, policy.Outcome.FAILED, policy.Outcome.NOT_STARTED, policy.Outcome.CRASHED
+CR = policy.Outcome.CANNOT_RUN
 ARRIVED = None
 DEFAULT = policy.Options(max_retries=3, retry_delays=(1.0, 10.0, 60.0))
 DECISIONS = [
@@ -464,6 +469,9 @@ DECISIONS = [
     # A warm shutdown came before a thread took it: back, untouched (a nack), unless its channel is gone.
     ("4.3", None, NS, {"stopping": True}, DEFAULT, (policy.Act.HAND_BACK,)),
     ("4.3", None, NS, {"stopping": True, "channel_open": False}, DEFAULT, (policy.Act.DROPPED,)),
+    # No child process could start for it: the worker's fault, never the task's, even at its last retry.
+    ("4.3", {"x-retries": 3}, CR, {}, DEFAULT, (policy.Act.HAND_BACK,)),
+    ("4.3", None, CR, {"channel_open": False}, DEFAULT, (policy.Act.DROPPED,)),
     # Nothing can be acked: its channel is gone, or a consumer timeout took it back; the broker redelivers it.
     ("4.3", None, D, {"channel_open": False}, DEFAULT, (policy.Act.LOST,)),
     ("4.3", None, F, {"channel_open": False, "why": "boom"}, DEFAULT, (policy.Act.LOST,)),
@@ -472,6 +480,7 @@ DECISIONS = [
     ("4.3", None, ARRIVED, {"stopping": True}, policy.Options(auto_ack=True), (policy.Act.RUN,)),
     ("4.3", {"x-delivery-count": 9}, ARRIVED, {}, policy.Options(auto_ack=True), (policy.Act.RUN,)),
     ("4.3", None, F, {"why": "boom"}, policy.Options(auto_ack=True), (policy.Act.FORGOTTEN,)),
+    ("4.3", None, CR, {}, policy.Options(auto_ack=True), (policy.Act.FORGOTTEN,)),  # no tag to hand back
 ]  # fmt: skip
 
 
