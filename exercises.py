@@ -697,6 +697,8 @@ def main() -> int:
     if args.list:
         for name, experiment in EXPERIMENTS.items():
             print(f"  {name:<22} {experiment.__doc__.splitlines()[0]}")
+        # Not an experiment here: it stops and kills brokers, so it starts nodes of its own.
+        print(f"  {'chaos':<22} Every fault at once, and a ledger of every task: ./run.sh chaos (chaos.py --help)")
         return 0
     names = [n for n in EXPERIMENTS if n != "demo"] if args.all else args.names
     unknown = [n for n in names if n not in EXPERIMENTS]

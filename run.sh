@@ -176,13 +176,13 @@ case "${1:-}" in
     bench)
         shift
         setup_python requirements-bench.txt  # ours, and Celery and Dramatiq to compare with
-        setup_rabbitmq "$RABBITMQ_RELEASE"
+        setup_rabbitmq "${RABBITMQ_RELEASE:-${WORKQUEUE_RABBITMQ:-system}}"  # the release its nodes will run
         exec .venv/bin/python bench/bench.py "$@"
         ;;
     chaos)
         shift
         setup_python requirements.txt
-        setup_rabbitmq "$RABBITMQ_RELEASE"
+        setup_rabbitmq "${RABBITMQ_RELEASE:-${WORKQUEUE_RABBITMQ:-system}}"  # the release its nodes will run
         exec .venv/bin/python chaos.py "$@"
         ;;
     broker)
