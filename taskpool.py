@@ -172,6 +172,9 @@ class TaskPool:
         self.threads = args.concurrency
         self.children: list[ChildProcess] = []
         self.closing = threading.Event()  # set at exit: no child is started any more
+        # Held to spawn a child, and to set `closing`: once kill_children() has set it, no child is spawned
+        # (each is in self.children before it is spawned, so kill_children() finds every one spawned before).
+        self.spawning = Spawning(self.closing, threading.Lock())
         # Why a child process could not start, if one could not: the worker's fault, not a task's. Written by
         # task threads (one assignment of a str, atomic), read by the connection's thread.
         self.cannot_run: str | None = None
@@ -191,13 +194,13 @@ class TaskPool:
     def kill_children(self) -> None:
         """At exit: kill the child processes, and start no new one. They do not stop on SIGTERM (the worker
         decides when to stop), which is all that multiprocessing's own exit handler would send them."""
-        self.closing.set()
-        for _ in range(2):  # twice: a task thread may have been starting a child as we began
-            for child in list(self.children):
-                process = child.process
-                if process is not None and process.is_alive():
-                    process.kill()
-                    process.join(timeout=5)
+        with self.spawning.lock:
+            self.closing.set()
+        for child in list(self.children):
+            process = child.process
+            if process is not None and process.is_alive():
+                process.kill()
+                process.join(timeout=5)
             time.sleep(0.05)
 
     def submit(self, delivery: Delivery) -> None:
@@ -230,9 +233,11 @@ class TaskPool:
         self.local.number, self.local.child = number, None
         try:
             if self.in_process:
-                self.local.child = ChildProcess(self.make_task)
+                self.local.child = ChildProcess(self.make_task, self.spawning)
                 self.children.append(self.local.child)  # (list.append is atomic) for kill_children() at exit
-                self.cannot_run = self.local.child.start() or self.cannot_run  # wait_ready() says why
+                not_started = self.local.child.start()
+                if not_started and not self.closing.is_set():
+                    self.cannot_run = not_started  # wait_ready() says why
         finally:
             self.starting.release()
         while True:
@@ -305,11 +310,9 @@ class TaskPool:
         one of its own, started for it and stopped after it: (why it failed, seconds, whether it died)."""
         if self.in_process:
             return self.local.child.run(body, self.time_limit)
-        child = ChildProcess(self.make_task)
+        child = ChildProcess(self.make_task, self.spawning)
         self.children.append(child)  # for kill_children() at exit
         try:
-            if self.closing.is_set():  # after the append: kill_children() sees this child, or we see closing
-                raise ChildDidNotStart("the worker is exiting")
             return child.run(body, None)
         finally:
             if child.process is not None:
@@ -332,6 +335,14 @@ PROCESSES = multiprocessing.get_context("spawn")
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the worker's to act on, never a child's
 
 
+@dataclass(frozen=True)
+class Spawning:
+    """What a child's start checks: the worker is exiting (`closing`, set under `lock`) and spawns none."""
+
+    closing: threading.Event
+    lock: threading.Lock
+
+
 class ChildProcess:
     """A child process that runs one task thread's tasks, one at a time, over a pipe.
 
@@ -340,8 +351,9 @@ class ChildProcess:
     next task starts a new child. Only the task thread that made it uses it.
     """
 
-    def __init__(self, make_task: tuple[Callable, object]):
+    def __init__(self, make_task: tuple[Callable, object], spawning: Spawning):
         self.make_task = make_task
+        self.spawning = spawning
         self.process: multiprocessing.process.BaseProcess | None = None  # started by TaskPool.serve
 
     def start(self) -> str | None:
@@ -350,7 +362,10 @@ class ChildProcess:
         self.pipe, child_end = PROCESSES.Pipe()
         self.process = PROCESSES.Process(target=child_main, args=(child_end, self.make_task), name="task", daemon=True)
         try:
-            self.process.start()
+            with self.spawning.lock:  # the spawn alone: kill_children() waits for it, never for a start-up
+                if self.spawning.closing.is_set():
+                    raise OSError("the worker is exiting")
+                self.process.start()
         except OSError as error:  # no memory, no process slot left
             child_end.close()
             self.pipe.close()
@@ -381,7 +396,7 @@ class ChildProcess:
             if self.process is not None:
                 self.stop()
             not_started = self.start()
-            if not_started:  # once more: a start can fail for a passing reason (no memory to fork for a moment)
+            if not_started and not self.spawning.closing.is_set():  # once more: the reason may pass (no memory)
                 time.sleep(1)
                 not_started = self.start()
             if not_started:
