@@ -52,9 +52,6 @@ WARM_STOP_BOUND = 30.0  # a hang (6 s), a retry held by a memory alarm (6 s), an
 COLD_STOP_BOUND = 10.0
 STOP_BOUNDS = {"kill -9": COLD_STOP_BOUND, "warm stop": WARM_STOP_BOUND, "cold stop": COLD_STOP_BOUND}
 RESTART_PAUSE = 0.5  # seconds before a stopped worker is started again (systemd's RestartSec)
-# A stop is aimed only at a worker this old: before its handlers are in place (Python and pika still
-# loading) a Ctrl+C ends it by KeyboardInterrupt, as it would any program starting up.
-STARTING_SECONDS = 5.0
 
 # What each task does, and how often: most are ordinary; the rest are faults of the task's own.
 KINDS = {"ok": 94, "fail": 3, "crash": 1.5, "hang": 1.5}
@@ -245,7 +242,7 @@ class Supervised:
         self.chaos, self.name, self.settings, self.urls = chaos, name, settings, urls
         self.lock = threading.Lock()
         self.process: subprocess.Popen | None = None
-        self.started = 0.0  # when the process started (time.monotonic())
+        self.log_size = 0  # the log's size when the process started: it has said nothing while it is so
         self.stopping: tuple[str, float, float] | None = None  # (what, when, bound)
         self.recycled = 0
         self.log = open(chaos.logs / f"{name}.log", "ab")  # noqa: SIM115 (open as long as the worker runs)
@@ -269,7 +266,7 @@ class Supervised:
                 if self.chaos.ending.is_set():
                     return
                 self.process = self.start_process()
-                self.started = time.monotonic()
+                self.log_size = os.path.getsize(self.log.name)
             self.wait()
             if self.chaos.ending.is_set():
                 return
@@ -310,8 +307,14 @@ class Supervised:
         else:
             self.chaos.timeline.say(f"{self.name}: exited {code}" + (" (a task crashed it)" if code == -9 else ""))
             expected = (-9,)  # a crash task, run in the worker's own process
-        if code not in expected:
+        if code not in expected and not overran:  # (an overrun's kill -9 is its own broken rule already)
             self.chaos.ledger.bad_exits.append(f"{self.name} exit {code} (see {self.log.name})")
+
+    def has_spoken(self) -> bool:
+        """Whether the running process printed a line yet. A stop is aimed only at a worker that has: its
+        first line comes after its Ctrl+C handler is in place; before, while Python and pika still load,
+        Ctrl+C ends it by KeyboardInterrupt, as it would any program starting up."""
+        return os.path.getsize(self.log.name) > self.log_size
 
     def hit(self, kind: str) -> bool:
         """Carry out a fault aimed at this worker, and say so on the timeline first; False if skipped."""
@@ -320,7 +323,7 @@ class Supervised:
             if process is None or process.poll() is not None or self.stopping:
                 self.chaos.timeline.say(f"{kind} {self.name}: not running, skipped")
                 return False
-            if kind in ("warm stop", "cold stop") and time.monotonic() - self.started < STARTING_SECONDS:
+            if kind in ("warm stop", "cold stop") and not self.has_spoken():
                 self.chaos.timeline.say(f"{kind} {self.name}: still starting, skipped")
                 return False
             if kind in STOP_BOUNDS:
@@ -344,7 +347,9 @@ class Supervised:
 
     def stop(self) -> None:
         """At the end: a warm stop, held to its bound; not started again."""
-        time.sleep(max(0.0, self.started + STARTING_SECONDS - time.monotonic()))
+        deadline = time.monotonic() + 60
+        while not self.has_spoken() and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.hit("warm stop")
         self.thread.join(WARM_STOP_BOUND + 10)
         self.log.close()

@@ -186,6 +186,8 @@ def decide(  # noqa: PLR0911 (a decision table: one return per row)
     (`why`: why it failed). `stopping`: a warm shutdown (or --max-tasks) ended the taking of tasks.
     `channel_open`: its channel can still take an ack. `taken_back`: a consumer timeout took it back
     while it ran. `unrecorded`: its retry or dead letter could not be published."""
+    if outcome is Outcome.CANNOT_RUN and taken_back:  # its tag is no longer ours to hand back
+        return Decision(Act.LOST, why="the broker's consumer timeout took it back, and redelivers it")
     if outcome is Outcome.NOT_STARTED or (outcome is Outcome.CANNOT_RUN and not options.auto_ack):
         return Decision(Act.HAND_BACK if channel_open else Act.DROPPED)
     if options.auto_ack:  # the broker forgot it when it delivered it: ours alone, run it even when stopping

@@ -287,10 +287,10 @@ class TaskPool:
             try:
                 why, seconds, crashed = self.run_in_child(delivery.body)
             except ChildDidNotStart as error:  # not the task's fault: it goes back
+                self.metrics.task_ran(0.0)
                 if self.closing.is_set():  # killed by kill_children() as it started: the worker is exiting
                     return Result(Outcome.NOT_STARTED)
-                self.cannot_run = str(error)  # and the worker stops: so would every other task
-                return Result(Outcome.CANNOT_RUN, str(error), 0.0, thread)
+                return Result(Outcome.CANNOT_RUN, str(error), 0.0, thread)  # Worker.give_up() stops the worker
             except Exception as error:  # around the child (a pipe error we did not foresee): the task failed
                 why, seconds = reason(error), 0.0
         else:

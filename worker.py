@@ -428,11 +428,14 @@ class Worker:
 
     def on_signal(self, signum, _frame) -> None:
         """The first SIGINT or SIGTERM asks for a warm shutdown, the second quits at once."""
-        if self.shutdown.requested is not None:
+        if self.shutdown.signalled:  # the second signal (a stop the worker asked of itself is not one)
             os.write(2, f"{self.args.name} [!] Cold shutdown: exiting now; unacked tasks are requeued\n".encode())
             os._exit(128 + signum)
-        self.shutdown.requested = signum  # one assignment: from now on no task starts (TaskPool reads it)
-        self.metrics.problem = "shutting down"  # for /healthz at once, even while reconnecting (one assignment too)
+        self.shutdown.signalled = True
+        if self.shutdown.requested is None:
+            self.shutdown.requested = signum  # one assignment: from now on no task starts (TaskPool reads it)
+        if self.fatal is None:  # for /healthz at once, even while reconnecting (one assignment too)
+            self.metrics.problem = "shutting down"
         os.write(1, f"{self.args.name} [*] Warm shutdown: taking no new tasks\n".encode())
 
     def give_up(self, error: workqueue.WorkQueueError) -> None:
@@ -464,7 +467,7 @@ class Worker:
     def stop_taking_tasks(self, phase: Phase) -> None:
         """The one place the shutdown state changes, and what each change asks for is done (see Shutdown)."""
         self.shutdown.phase = phase
-        self.metrics.lost("shutting down")
+        self.metrics.lost(str(self.fatal) if self.fatal else "shutting down")  # /healthz says why
         channel = self.channel
         if channel and channel.is_open:
             for tag in list(channel.consumer_tags):
@@ -659,6 +662,7 @@ class Shutdown:
 
     def __init__(self, auto_ack: bool):
         self.requested: int | None = None  # the signal that asked for a warm shutdown (0: the worker itself)
+        self.signalled = False  # a first SIGINT or SIGTERM came: the next is a cold shutdown
         self.phase = Phase.TAKING
         self.auto_ack = auto_ack
 

@@ -391,3 +391,40 @@ def test_a_task_past_a_lowered_max_retries_runs_its_attempt(env, queue, start, b
     assert "came back 0 times" not in worker.output
     ((body, headers),) = dead_letters(broker, queue)
     assert body == b"an error" and headers["x-retries"] == 4 and "x-unfinished-runs" not in headers
+
+
+HOLDS_THEN_BREAKS = """
+import multiprocessing, os, time
+
+if multiprocessing.parent_process() is not None and os.path.exists("broken"):  # a child, once broken
+    os._exit(3)
+
+def work(body):
+    if body == b"crash":
+        os.kill(os.getpid(), 9)
+    deadline = time.monotonic() + 60
+    while body == b"slow" and not os.path.exists("release") and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+
+def test_a_worker_that_gave_up_finishes_its_running_task_on_a_stop_and_still_exits_10(
+    env, queue, start, broker, tmp_path
+):
+    """Giving up is a warm shutdown the worker asks of itself, not a signal: the supervisor's SIGTERM that
+    follows is a first one (warm: the running task finishes and is acked), and the exit says why, 10."""
+    (tmp_path / "holds.py").write_text(HOLDS_THEN_BREAKS)
+    worker = start_worker(
+        start, queue, "--task", "holds:work", "--isolation", "process", "--concurrency", "2", "--max-retries", "0",
+        cwd=tmp_path,
+    )  # fmt: skip
+    (tmp_path / "broken").touch()  # its two children are ready: no new one starts from now on
+    publish(env, queue, "slow", "crash", "next")
+    worker.wait_for(r"cannot run tasks: the child process to run it died while starting")
+    worker.signal(signal.SIGTERM)
+    worker.wait_for(r"Warm shutdown")
+    (tmp_path / "release").touch()
+    assert worker.wait(timeout=60) == 10, worker.output
+    assert "Done 'slow'" in worker.output and "Cold shutdown" not in worker.output
+    wait_for_counts(broker, queue, 1, 0)  # 'next', handed back; 'slow' acked, 'crash' dead-lettered
+    assert [body for body, _ in dead_letters(broker, queue)] == [b"crash"]

@@ -472,6 +472,7 @@ DECISIONS = [
     # No child process could start for it: the worker's fault, never the task's, even at its last retry.
     ("4.3", {"x-retries": 3}, CR, {}, DEFAULT, (policy.Act.HAND_BACK,)),
     ("4.3", None, CR, {"channel_open": False}, DEFAULT, (policy.Act.DROPPED,)),
+    ("4.3", None, CR, {"taken_back": True}, DEFAULT, (policy.Act.LOST, 0, 0.0, "the broker's consumer timeout")),
     # Nothing can be acked: its channel is gone, or a consumer timeout took it back; the broker redelivers it.
     ("4.3", None, D, {"channel_open": False}, DEFAULT, (policy.Act.LOST,)),
     ("4.3", None, F, {"channel_open": False, "why": "boom"}, DEFAULT, (policy.Act.LOST,)),
