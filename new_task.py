@@ -497,7 +497,8 @@ class Session:
         fatal; anything else: reconnect."""
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             publisher = self.publisher
-            if reason.reply_code == 406 and not self.declared:  # on declaring the work queue, or its delay queue
+            declaring = not self.declared or "inequivalent arg" in reason.reply_text  # (or renewing the delay queue)
+            if reason.reply_code == 406 and declaring:  # on declaring the work queue, or its delay queue
                 waiting = self.declaring != publisher.queue  # the delay queue
                 publisher.fatal = workqueue.queue_mismatch(self.declaring, reason.reply_text, waiting)
             elif reason.reply_code == 406:  # a message the broker will never take (larger than max_message_size)

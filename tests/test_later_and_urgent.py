@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 
 import pika
@@ -133,3 +134,38 @@ def test_a_malformed_due_time_is_named_and_the_task_runs(env, queue, start, brok
     worker = start_worker(start, queue)
     worker.wait_for(r"Done 'odd'")
     assert "ignoring header x-due-at='soon': not a time in milliseconds" in worker.output
+
+
+RENEWS_EVERY_SECOND = """
+import sys
+
+sys.path.insert(0, {root!r})
+import new_task, workqueue
+
+new_task.RENEW_DELAY_QUEUE = 1.0  # instead of every 10 minutes
+sys.argv[0] = "new_task.py"
+workqueue.run(new_task.main)
+"""
+
+
+def test_a_delay_queue_changed_under_a_long_publish_is_a_queue_mismatch_not_a_refused_message(
+    env, queue, start, broker, tmp_path
+):
+    """new_task.py declares its delay queue again while it publishes (its x-expires lease). If another
+    version declared it with other arguments meanwhile, that declaration's 406 says so (exit 5), as the
+    first one would; it is not a message the broker refused (exit 6)."""
+    from conftest import ROOT  # noqa: PLC0415
+
+    script = tmp_path / "renews_fast.py"
+    script.write_text(RENEWS_EVERY_SECOND.format(root=str(ROOT)))
+    producer = start(str(script), "--queue", queue, "--delay", "30", "--file", "-", stdin=subprocess.PIPE)
+    producer.proc.stdin.write("first\n")
+    producer.proc.stdin.flush()
+    wait_until(lambda: ready_now(broker.url, f"{queue}.delay.30s") == 1, 30, "the first task waits")
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:  # another version's delay queue
+        channel = connection.channel()
+        channel.queue_delete(f"{queue}.delay.30s")
+        channel.queue_declare(f"{queue}.delay.30s", durable=True, arguments={"x-message-ttl": 1000})
+    assert producer.wait(timeout=30) == 5, producer.output
+    assert f"queue '{queue}.delay.30s' already exists with other arguments" in producer.output
+    assert "max_message_size" not in producer.output and "Traceback" not in producer.output
