@@ -82,20 +82,17 @@ def test_queue_mismatch_says_what_differs_and_how_to_fix_it():
 
 
 def test_login_errors_are_not_retried_but_lost_connections_are():
-    # pika wraps the broker's refusal in a guess made from the stage the connection closed at
-    refused = (
-        "ConnectionClosedByBroker: (403) 'ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN.'"
-    )
-    assert workqueue.is_login_refused(pika.exceptions.ProbableAuthenticationError(refused))
-    no_vhost = "ConnectionClosedByBroker: (530) 'NOT_ALLOWED - vhost nope not found'"
-    assert not workqueue.is_connection_lost(pika.exceptions.ProbableAccessDeniedError(no_vhost))
-    # ... and the same guess when a stopping broker hung up during the login: lost, and retried
-    hung_up = pika.exceptions.ProbableAuthenticationError("StreamLostError: ('Transport indicated EOF',)")
-    assert not workqueue.is_login_refused(hung_up) and workqueue.is_connection_lost(hung_up)
-    forced = pika.exceptions.ProbableAuthenticationError(
-        "ConnectionClosedByBroker: (320) 'CONNECTION_FORCED - shutdown'"
-    )
-    assert not workqueue.is_login_refused(forced) and workqueue.is_connection_lost(forced)
+    # pika wraps the error in a guess made from the stage the connection closed at, as repr() (connection.py)
+    guess = pika.exceptions.ProbableAuthenticationError
+    refused = guess(repr(pika.exceptions.ConnectionClosedByBroker(403, "ACCESS_REFUSED - Login was refused")))
+    assert workqueue.is_login_refused(refused) and not workqueue.is_connection_lost(refused)
+    no_vhost = pika.exceptions.ConnectionClosedByBroker(530, "NOT_ALLOWED - vhost nope not found")
+    assert not workqueue.is_connection_lost(pika.exceptions.ProbableAccessDeniedError(repr(no_vhost)))
+    # ... and the same guess when a stopping broker hung up during the login, or closed it: lost, and retried
+    for lost in (pika.exceptions.StreamLostError("Transport indicated EOF"),
+                 pika.exceptions.ConnectionClosedByBroker(320, "CONNECTION_FORCED - shutdown")):  # fmt: skip
+        hung_up = guess(repr(lost))
+        assert not workqueue.is_login_refused(hung_up) and workqueue.is_connection_lost(hung_up)
     assert workqueue.is_connection_lost(pika.exceptions.ConnectionClosedByBroker(320, "CONNECTION_FORCED"))
     assert workqueue.is_connection_lost(pika.exceptions.StreamLostError("reset"))
 
