@@ -135,7 +135,7 @@ class Lab:
         while self.done() < expected:
             if time.monotonic() > deadline:
                 said = self.worker_log.read_text(errors="replace").strip().splitlines()[-15:]
-                raise RuntimeError(
+                raise Stalled(
                     f"{system.name}: {self.done()} of {expected} tasks done in {timeout:.0f}s; "
                     f"its worker's last lines:\n" + "\n".join(said or ["(none)"])
                 )
@@ -150,6 +150,10 @@ class Lab:
             except ProcessLookupError:
                 pass
             worker.wait(timeout=30)
+
+
+class Stalled(RuntimeError):
+    """A worker that did not finish its tasks in time: the first line says how far it got."""
 
 
 def drain_rate(lab: Lab, system: System, count: int, dots: int = 0, timeout: float = 600) -> float:
@@ -231,12 +235,25 @@ def rows(url: str, quick: bool, ideal_makespan) -> list[str]:
         for what, n, dots, systems in groups:
             print(f"Peers: {what}...", file=sys.stderr)
             rates: dict[str, list[float]] = {s.name: [] for s in systems}
+            stalled: dict[str, str] = {}  # a peer that stalled: its row says so, and the rest of the table is made
             for system in alternate(systems, rounds):
-                # A quick run's 200 tasks take seconds: a peer that stalls is named in 2 minutes, not 10.
-                rates[system.name].append(drain_rate(lab, system, n, dots, timeout=120 if quick else 600))
+                if system.name in stalled:
+                    continue
+                try:
+                    # A quick run's 200 tasks take seconds: a peer that stalls is named in 2 minutes, not 10.
+                    rates[system.name].append(drain_rate(lab, system, n, dots, timeout=120 if quick else 600))
+                except Stalled as error:
+                    if system.name.startswith("ours"):  # a stall of ours is a bug to see, not a row
+                        raise
+                    print(f"  {error}", file=sys.stderr)
+                    stalled[system.name] = str(error).splitlines()[0].split(": ", 1)[1]
+                    lab.delete(system)
             reference = rates[systems[0].name]
             for system in systems:
                 runs = rates[system.name]
+                if system.name in stalled:
+                    out.append(f"| {what}: {system.name} | {n:,} | stalled: {stalled[system.name]} | | |")
+                    continue
                 ratios = [rate / ref for rate, ref in zip(runs, reference)]
                 spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(runs) > 1 else ""
                 out.append(
