@@ -14,31 +14,10 @@ connection's thread only and read by the HTTP thread: one reference, read whole.
 
 from __future__ import annotations
 
-import socketserver
 import sys
 import threading
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 OUTCOMES = ("done", "retried", "dead_lettered", "lost", "timed_out")
-
-
-class QuietHandler(WSGIRequestHandler):
-    timeout = 10  # seconds each read of a request may wait: an idle or stalled client is dropped then
-
-    def log_message(self, *_args) -> None:  # a scrape every 15 s is not news
-        pass
-
-
-class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    """Each request in a thread of its own: a client that connects and sends nothing holds one thread
-    for `QuietHandler.timeout` seconds, never the probe behind it."""
-
-    daemon_threads = True  # the worker does not wait for a scrape to exit
-
-    def handle_error(self, request, client_address) -> None:
-        """A client that went quiet (the timeout) or away: drop it, without a traceback on stderr."""
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
 
 
 class Metrics:
@@ -78,9 +57,7 @@ class Metrics:
         self.problem: str | None = "connecting to the broker"  # None: healthy
         self.metrics_app = prom.make_wsgi_app(self.registry)
         # Raises OSError when the port is taken: the caller turns it into a usage error.
-        self.server: WSGIServer = make_server(
-            host, port, self.app, server_class=ThreadingServer, handler_class=QuietHandler
-        )
+        self.server = http_server(host, port, self.app)
         threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
 
     def app(self, environ, start_response):
@@ -139,3 +116,29 @@ class NoMetrics:
 
     def task_ran(self, seconds: float) -> None:
         pass
+
+
+def http_server(host: str, port: int, app):
+    """A WSGI server that serves each request in a thread of its own, quietly. (Imported here: a worker
+    without --metrics-port starts faster without the HTTP modules.)"""
+    import socketserver  # noqa: PLC0415
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server  # noqa: PLC0415
+
+    class QuietHandler(WSGIRequestHandler):
+        timeout = 10  # seconds each read of a request may wait: an idle or stalled client is dropped then
+
+        def log_message(self, *_args) -> None:  # a scrape every 15 s is not news
+            pass
+
+    class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+        """Each request in a thread of its own: a client that connects and sends nothing holds one thread
+        for `QuietHandler.timeout` seconds, never the probe behind it."""
+
+        daemon_threads = True  # the worker does not wait for a scrape to exit
+
+        def handle_error(self, request, client_address) -> None:
+            """A client that went quiet (the timeout) or away: drop it, without a traceback on stderr."""
+            if not isinstance(sys.exc_info()[1], OSError):
+                super().handle_error(request, client_address)
+
+    return make_server(host, port, app, server_class=ThreadingServer, handler_class=QuietHandler)

@@ -12,7 +12,10 @@ table, with each release's headers.
 from __future__ import annotations
 
 import enum
+from datetime import datetime, timezone
 from typing import NamedTuple
+
+from workqueue import clock, dead_letter_queue, wait_queue
 
 # RabbitMQ 4 gives every quorum queue a delivery limit of 20: a message whose x-delivery-count would
 # pass it is dropped (or dead-lettered by the broker, if the queue has a dead-letter exchange).
@@ -159,7 +162,7 @@ class Act(enum.Enum):
     HOLD = "keep it unacked, and publish its retry or dead letter again after a pause"
     LOST = "nothing can be sent: its channel is gone, or a consumer timeout took it back; the broker redelivers it"
     FORGOTTEN = "nothing to send: with --auto-ack the broker forgot it when it delivered it"
-    DROPPED = "nothing to send: its channel died before it started, and the broker has it back"
+    DROPPED = "nothing to send: its channel died before it started, or before its failure was published"
 
 
 class Decision(NamedTuple):
@@ -193,6 +196,8 @@ def decide(  # noqa: PLR0911 (a decision table: one return per row)
     if options.auto_ack:  # the broker forgot it when it delivered it: ours alone, run it even when stopping
         return Decision(Act.RUN if outcome is None else Act.FORGOTTEN)
     if unrecorded:  # nothing runs it again before its failure is recorded, unless we are leaving
+        if not channel_open:
+            return Decision(Act.DROPPED)  # the broker has it back with its channel
         return Decision(Act.REJECT if stopping else Act.HOLD)
     if outcome is None:
         if stopping:
@@ -235,6 +240,40 @@ def unrun_because(returned: int, taken_back: int, max_retries: int) -> tuple[str
         died = "a worker died with it, lost its connection or gave it back"
         return f"it came back {returned} times without an ack ({died})", returned
     return None
+
+
+class Record(NamedTuple):
+    """Where a failed task's retry or dead letter goes, with which headers, and what the worker says of it."""
+
+    queue: str
+    headers: dict
+    what: str  # "retry 1 of 3 in 1s (at 12:00:01, waiting in task_queue.retry.1s)", "moved to task_queue.dlq"
+
+
+def failure_record(decision: Decision, headers: dict, queue: str, *, max_retries: int, why: str, now: float) -> Record:
+    """For Act.RETRY and Act.DEAD_LETTER: the message to publish, from the task's own headers (the broker's
+    left out), before the task is acked. `now`: seconds since the epoch."""
+    headers = dict(headers)
+    headers["x-retries"] = decision.retry  # a retry's number; for a dead letter, the runs that failed before
+    if decision.crashes:
+        headers["x-crashes"] = decision.crashes  # its runs that killed their process: the next is in a child
+    if decision.act is Act.RETRY:
+        headers.update(due_header(now + decision.delay))  # its start shows how late it came
+        if not decision.delay:
+            return Record(queue, headers, f"retry {decision.retry} of {max_retries} now")
+        target = wait_queue(queue, decision.delay)
+        due = clock(now + decision.delay)
+        return Record(
+            target,
+            headers,
+            f"retry {decision.retry} of {max_retries} in {decision.delay:g}s (at {due}, waiting in {target})",
+        )
+    headers["x-error"] = (why or "")[:200]
+    headers["x-original-queue"] = queue
+    headers["x-failed-at"] = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds")
+    if decision.unfinished:  # runs that ended with no result, this time not run (dead_letters.py counts them)
+        headers["x-unfinished-runs"] = decision.unfinished
+    return Record(dead_letter_queue(queue), headers, f"moved to {dead_letter_queue(queue)}")
 
 
 class AfterFailure(NamedTuple):

@@ -11,7 +11,6 @@ import argparse
 import enum
 import hashlib
 import importlib
-import multiprocessing
 import os
 import queue
 import signal
@@ -74,9 +73,10 @@ class Delivery:
     redelivered: bool
     past: Past  # failed runs and returns so far, from its headers (policy.past_of)
     state: TaskState = TaskState.WAITING  # see TaskPool
-    taken_back: bool = False  # by the broker's consumer timeout: not ours to ack (Worker.leave_channel)
+    taken_back: bool = False  # by the broker's consumer timeout: not ours to ack (Consumer.took_back)
     in_child: bool = False  # run it in a child process of its own (policy: it came back unacked, or crashed)
     received: float = field(default_factory=time.monotonic)  # when it came (time.monotonic())
+    consumer: object = None  # the worker.Consumer of its channel: the one to settle it
 
     @property
     def label(self) -> str:
@@ -330,8 +330,14 @@ class CannotRunTasks(workqueue.WorkQueueError):
     exit_code = workqueue.EXIT_CANNOT_RUN_TASKS
 
 
-# Child processes start from a fresh interpreter: no threads, sockets or locks of the worker in them.
-PROCESSES = multiprocessing.get_context("spawn")
+def processes():
+    """Child processes start from a fresh interpreter: no threads, sockets or locks of the worker in them.
+    (multiprocessing is imported here: a worker of threads alone starts faster without it.)"""
+    import multiprocessing  # noqa: PLC0415
+
+    return multiprocessing.get_context("spawn")
+
+
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the worker's to act on, never a child's
 
 
@@ -354,13 +360,15 @@ class ChildProcess:
     def __init__(self, make_task: tuple[Callable, object], spawning: Spawning):
         self.make_task = make_task
         self.spawning = spawning
-        self.process: multiprocessing.process.BaseProcess | None = None  # started by TaskPool.serve
+        self.process = None  # a multiprocessing Process, started by start()
 
     def start(self) -> str | None:
         """Start a child and wait until it has loaded the task (a time limit counts the task's time,
         not the start-up's). None once it is ready, else why it could not start (it is reaped)."""
-        self.pipe, child_end = PROCESSES.Pipe()
-        self.process = PROCESSES.Process(target=child_main, args=(child_end, self.make_task), name="task", daemon=True)
+        self.pipe, child_end = processes().Pipe()
+        self.process = processes().Process(
+            target=child_main, args=(child_end, self.make_task), name="task", daemon=True
+        )
         try:
             with self.spawning.lock:  # the spawn alone: kill_children() waits for it, never for a start-up
                 if self.spawning.closing.is_set():

@@ -18,9 +18,10 @@ How it stays correct where the tutorial's worker is not:
 - Ctrl+C (or SIGTERM) starts no new task and finishes the running ones; a second
   one quits at once.
 
-Where to look: the tutorial's shape is below (dot_task, then Worker.consume, on_message and
-on_task_done, where the ack is); what becomes of each delivery is decided in policy.py, and the
-threads and child processes that run the tasks are in taskpool.py.
+Where to look: the tutorial's shape is below: dot_task, then Consumer (one channel: declare, qos,
+basic_consume, and the callback in two halves, on_message and on_task_done; settle() is where every
+ack goes out), then Worker (the connection: reconnects, --max-tasks, shutdown). What becomes of each
+delivery is decided in policy.py; the threads and child processes that run the tasks are in taskpool.py.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -92,319 +92,341 @@ def dot_task(seconds_per_dot: float) -> Callable[[bytes], None]:
     return sleep_per_dot
 
 
-# --- The tutorial's worker: declare, qos, consume, and a callback that runs the task and acks it ----------
+# --- The tutorial's worker, for one channel: declare, qos, consume, a callback that runs the task, an ack -----
 
 
-class Worker:
-    """The tutorial's consumer, where its one callback is split in two: on_message() hands each task to a
-    task thread (taskpool.TaskPool), so that a long task never stops this thread from answering heartbeats,
-    and on_task_done() acks it once it has run. policy.decide() says what to do with each delivery;
-    the methods here carry that out.
+class Consumer:
+    """One channel, the consumer on it, and the deliveries it brought, until each is settled.
 
-    Everything here but wake() runs in the main thread, which owns the connection and its channels,
-    and is the only one to read or write the fields below. A task thread calls wake() alone, which
-    asks this thread to look at the finished tasks through connection.add_callback_threadsafe (the
-    one thread-safe call of a BlockingConnection), and reads `shutdown.requested` through
-    TaskPool.may_start. The signal handler, which Python runs in this thread between two statements,
-    only records a request (Shutdown).
+    A fresh one for each channel (as pika's asynchronous consumer example makes one per connection, and
+    Dramatiq one per reconnect): when the channel dies, the Consumer is dropped with all it held, and a
+    delivery is only ever acked on the channel it came on, by its own Consumer. settle() is the one
+    place a delivery is acked, nacked, rejected, or published again, carrying out policy.decide()'s
+    decision; deliveries pika rejects itself (those it read but had not handed to on_message when the
+    consumer is cancelled) never reached us.
+
+    Main thread only, like the Worker.
     """
 
-    def __init__(self, args: argparse.Namespace, tasks: TaskPool, console: Console, metrics, shutdown: Shutdown):
-        self.args = args
-        self.tasks = tasks
-        self.metrics = metrics
-        self.say = console.say
-        self.shutdown = shutdown
-        self.options = policy.Options(args.max_retries, tuple(args.retry_delays), args.auto_ack)
-        self.dead_letter_queue = workqueue.dead_letter_queue(args.queue)
-        self.started = 0  # tasks handed to the pool; --max-tasks counts these
-        self.channel: BlockingChannel | None = None  # the current channel
-        # Delivered and not settled yet: on the current channel, or running still after their channel died.
-        self.in_hand: set[Delivery] = set()
-        # Failed tasks whose retry or dead letter the broker refused: held (unacked) until published.
-        self.awaiting_publish: set[Delivery] = set()
-        self.publish_backoff = workqueue.Backoff()  # pauses while publishing retries or dead letters fails
-        # How often a consumer timeout took each task back from us while it ran (by Delivery.identity).
-        self.timed_out: dict[str, int] = {}
-        self.retired: set[BlockingChannel] = set()  # channels left while tasks of theirs still run (4.3)
-        self.fatal: workqueue.WorkQueueError | None = None  # why the worker gave up, once it has
+    def __init__(self, worker: Worker, connection: pika.BlockingConnection):
+        self.worker = worker
+        self.args = worker.args
+        self.say = worker.say
+        self.in_hand: set[Delivery] = set()  # delivered here, given to the pool, not settled yet
+        self.held: set[Delivery] = set()  # failed, and the broker refused their retry or dead letter: unacked
+        self.consuming = False  # our consumer is on; False once cancelled, by us or by the broker
+        self.cancelled_by_broker = False
+        self.channel = connection.channel()
+        # The work queue, its dead-letter queue, and the wait queues where a failed task waits until the
+        # broker moves it back: durable, as in the tutorial.
+        queues = (self.args.queue, workqueue.dead_letter_queue(self.args.queue), *self.wait_queues())
+        for name in queues:
+            self.declare(connection, name)
+        self.channel.basic_qos(prefetch_count=self.args.prefetch)  # at most N unacked tasks at this worker
+        self.channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
+        self.channel.add_on_cancel_callback(self.on_cancelled_by_broker)
 
-    def run(self) -> int:
-        """Connect, consume, and reconnect after every loss, until told to stop."""
-        self.tasks.wait_ready()
-        urls = workqueue.broker_urls(self.args.url)
-        retry_for = self.args.connect_timeout
-        backoff = workqueue.Backoff()
-        while not self.shutdown.stopping:
-            connected = workqueue.connect(urls, retry_for, should_stop=lambda: self.shutdown.stopping)
-            if connected is None:
-                break
-            if retry_for is None:  # a connection opened again after a loss (a try that a stop cut short is none)
-                self.metrics.reconnected()
-            connection, url = connected
-            retry_for = None  # once connected, a later loss is retried until we are stopped
-            opened = time.monotonic()
-            try:
-                self.consume(connection)
-                connection.close()
-            except pika.exceptions.AMQPError as error:
-                refused = workqueue.access_refused(error, url)
-                if refused:
-                    raise refused from None  # a reconnect cannot cure missing permissions
-                if not workqueue.is_connection_lost(error):
-                    raise
-                self.connection_lost(connection, error)
-                if time.monotonic() - opened > STEADY_SECONDS:
-                    backoff.reset()
-                workqueue.sleep_unless(backoff.next(), lambda: self.shutdown.stopping)  # never a tight loop
-        self.finish_orphans()
-        if self.fatal:
-            raise self.fatal
-        return workqueue.EXIT_OK
-
-    def consume(self, connection: pika.BlockingConnection) -> None:
-        """Declare the queues, take tasks until told to stop, then settle the running ones.
-
-        A consumer that the broker cancels, or a channel it closes over a consumer timeout, is
-        replaced by a fresh channel: its deliveries are the broker's again, and none of them may be
-        acked (or started) on the next channel."""
-        self.settle_finished()  # tasks of an earlier connection that ended meanwhile: report their lost acks
-        self.tick(connection)
-        while not self.shutdown.stopping:
-            channel = self.channel = connection.channel()
-            # The work queue, its dead-letter queue, and the wait queues where a failed task waits until
-            # the broker moves it back: durable, as in the tutorial.
-            for name in (self.args.queue, self.dead_letter_queue, *self.wait_queues()):
-                self.declare(connection, name)
-            channel.basic_qos(prefetch_count=self.args.prefetch)  # at most N unacked tasks at this worker
-            channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
-            if self.args.max_tasks is not None and self.started >= self.args.max_tasks:
-                self.stop_taking_tasks(Phase.LAST_TASKS)  # --max-tasks 0, or all taken before a reconnect
-                break
-            channel.basic_consume(
-                queue=self.args.queue,
-                on_message_callback=self.on_message,
-                auto_ack=self.args.auto_ack,
-                arguments=self.consumer_arguments(),
-            )
-            self.metrics.consuming()  # before the line: a probe that reads it finds the worker healthy
-            self.say("[*] Waiting for messages. To exit press CTRL+C")
-            try:
-                channel.start_consuming()  # until our consumer is cancelled, by us or by the broker
-            except pika.exceptions.ChannelClosedByBroker as error:
-                if not is_consumer_timeout(error):
-                    raise
-                self.channel_timed_out(channel, error)
-            else:
-                if self.shutdown.stopping:
-                    break
-                self.consumer_cancelled(connection, channel)
-        while self.in_hand:  # a warm shutdown, or --max-tasks: the running tasks' acks go out here
-            connection.process_data_events(time_limit=0.25)
-            self.settle_finished()
+    def consume(self) -> Delivery | None:
+        """basic_consume and start_consuming, until our consumer is cancelled (by us: a stop, --max-tasks;
+        or by the broker) or the broker closes the channel (a consumer timeout before 4.3). Returns the
+        task a consumer timeout took back, if one did."""
+        self.channel.basic_consume(
+            queue=self.args.queue,
+            on_message_callback=self.on_message,
+            auto_ack=self.args.auto_ack,
+            arguments=consumer_arguments(self.args.consumer_timeout),
+        )
+        self.consuming = True
+        self.worker.metrics.consuming()  # before the line: a probe that reads it finds the worker healthy
+        self.say("[*] Waiting for messages. To exit press CTRL+C")
+        try:
+            self.channel.start_consuming()
+        except pika.exceptions.ChannelClosedByBroker as error:
+            self.consuming = False
+            if not is_consumer_timeout(error):
+                raise
+            return self.closed_by_consumer_timeout(error)
+        self.consuming = False
+        if self.cancelled_by_broker:
+            return self.cancelled()
+        return None
 
     def on_message(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
         """The tutorial's callback, first half: a task arrived; hand it to a task thread."""
-        self.act_on_stop()
-        delivery = self.receive(channel, method, properties, body)
-        if delivery and len(self.in_hand) == 1:
-            # Most tasks of a work queue are short: wait a moment, and a lone quick task is acked
-            # from here at once, not after another turn of the connection's loop.
-            done = self.tasks.wait_for(delivery, QUICK_TASK_SECONDS)
-            if done:
-                self.on_task_done(*done)
-            self.settle_finished()  # any that finished meanwhile without waking us (they saw us waiting)
-
-    def on_task_done(self, delivery: Delivery, result: Result) -> None:
-        """The tutorial's callback, second half: the task's run ended (or never began, at a warm shutdown).
-        Ack it, retry it, dead-letter it or hand it back, on its own channel: delivery tags are per channel."""
-        self.in_hand.discard(delivery)  # first: a warm shutdown acted on now waits for the others only
-        if result.outcome is Outcome.CANNOT_RUN:
-            self.give_up(CannotRunTasks(f"cannot run tasks: {result.why}"))
-        self.act_on_stop()  # before an ack: the broker would send the next task at once
-        if result.why and result.why.startswith("time limit of"):
-            self.metrics.settled("timed_out")  # counted once, whatever becomes of the task
-        decision = self.decide(delivery, result.outcome, why=result.why)
-        if decision.act is Act.ACK:  # done: this is where a finished task is acked
-            try:
-                delivery.channel.basic_ack(delivery_tag=delivery.delivery_tag)
-            except pika.exceptions.AMQPError:  # the connection died just now: say so, then reconnect
-                self.metrics.settled("lost")
-                self.say(f"[!] Could not ack '{delivery.label}': its connection is gone; the broker redelivers it",
-                         result.thread)  # fmt: skip
-                raise
-            self.metrics.settled("done")
-            self.say(f"[x] Done '{delivery.label}' in {result.seconds:.1f}s", result.thread)
-        elif decision.act in (Act.RETRY, Act.DEAD_LETTER):
-            self.record_failure(delivery, decision, result.why, result.thread)
-        elif decision.act is Act.HAND_BACK:
-            self.hand_back(delivery)
-        elif decision.act is Act.FORGOTTEN:  # --auto-ack: nothing to send
-            self.metrics.settled("done" if result.outcome is Outcome.DONE else "lost")
-            self.say(
-                f"[x] Done '{delivery.label}' in {result.seconds:.1f}s"
-                if result.outcome is Outcome.DONE
-                else f"[!] Failed '{delivery.label}': {result.why} (auto-ack: the task is lost)",
-                result.thread,
-            )
-        elif decision.act is Act.LOST:
-            self.metrics.settled("lost")
-            gone = "channel" if delivery.channel.connection.is_open else "connection"
-            why = decision.why or f"its {gone} is gone; the broker redelivers it if it kept it"
-            self.say(f"[!] Could not ack '{delivery.label}': {why}", result.thread)
-        self.close_if_idle(delivery.channel)  # (Act.DROPPED: nothing to send, nothing to say)
-
-    # From a delivery to a task thread, and back.
-
-    def receive(self, channel: BlockingChannel, method, properties, body: bytes) -> Delivery | None:
-        """Run a delivery, or hand it back, or dead-letter it unrun: the delivery if it went to a task thread."""
-        timed_out = self.timed_out.get(message_identity(properties, body), 0) if method.redelivered else 0
+        worker = self.worker
+        worker.stop()
+        timed_out = worker.timed_out.get(message_identity(properties, body), 0) if method.redelivered else 0
         past, complaint = policy.past_of(properties, timed_out, method.redelivered)
-        delivery = Delivery(channel, method.delivery_tag, body, properties, method.redelivered, past)
+        delivery = Delivery(channel, method.delivery_tag, body, properties, method.redelivered, past, consumer=self)
         if complaint:
             LOGGER.warning("%s (task '%s')", complaint, delivery.label)
         decision = self.decide(delivery, None)
-        if decision.act is Act.HAND_BACK:
-            self.hand_back(delivery)
-            return None
-        if decision.act is Act.DEAD_LETTER:  # a crash-loop guard: not run again
-            self.record_failure(delivery, decision, decision.why, thread=0)
-            return None
+        if decision.act not in (Act.RUN, Act.RUN_IN_CHILD):  # back untouched, or a crash-loop guard's dead letter
+            self.settle(delivery, decision, decision.why)
+            return
         delivery.in_child = decision.act is Act.RUN_IN_CHILD
         self.in_hand.add(delivery)  # before submit(): its result may come back at once
-        self.tasks.submit(delivery)
-        self.started += 1
-        if self.args.max_tasks is not None and self.started >= self.args.max_tasks:
-            self.stop_taking_tasks(Phase.LAST_TASKS)
-        return delivery
+        worker.tasks.submit(delivery)
+        worker.started += 1
+        if worker.took_enough():
+            worker.metrics.lost("shutting down")  # /healthz: --max-tasks reached, the last tasks finish
+            self.stop_taking_tasks()
+        elif len(self.in_hand) == 1:
+            # Most tasks of a work queue are short: wait a moment, and a lone quick task is acked
+            # from here at once, not after another turn of the connection's loop.
+            done = worker.tasks.wait_for(delivery, QUICK_TASK_SECONDS)
+            if done:
+                worker.on_task_done(*done)
+            worker.settle_finished()  # any that finished meanwhile without waking us (they saw us waiting)
+
+    def on_task_done(self, delivery: Delivery, result: Result) -> None:
+        """The tutorial's callback, second half: the task's run ended (or never began): decide, and settle."""
+        self.in_hand.discard(delivery)  # first: a stop acted on now counts the tasks still running
+        self.worker.stop()  # before an ack: the broker would send the next task at once
+        if result.why and result.why.startswith("time limit of"):
+            self.worker.metrics.settled("timed_out")  # counted once, whatever becomes of the task
+        decision = self.decide(delivery, result.outcome, why=result.why)
+        self.settle(delivery, decision, result.why, seconds=result.seconds, thread=result.thread)
+        self.close_if_idle()
 
     def decide(self, delivery: Delivery, outcome: Outcome | None, **facts) -> policy.Decision:
         return policy.decide(
             outcome,
             delivery.past,
-            self.options,
-            stopping=self.shutdown.stopping,
-            channel_open=delivery.channel.is_open,
+            self.worker.options,
+            stopping=self.worker.shutdown.asked or self.worker.took_enough(),
             taken_back=delivery.taken_back,
-            **facts,
+            **{"channel_open": self.channel.is_open, **facts},
         )
 
-    def wake(self, delivery: Delivery) -> None:
-        """In a task thread, as its task ends: ask the connection's thread to settle it."""
-        try:
-            delivery.channel.connection.add_callback_threadsafe(self.settle_finished)
-        except pika.exceptions.ConnectionWrongStateError:
-            pass  # that connection is gone: tick() or finish_orphans() reports the lost ack
+    # The one place a delivery is settled.
 
-    def settle_finished(self) -> None:
-        """Every task that finished and is not settled yet: on_task_done() for each."""
-        while True:
+    def settle(
+        self, delivery: Delivery, decision: policy.Decision, why: str | None, seconds: float = 0.0, thread: int = 0
+    ) -> None:
+        """Carry out a decision of policy.decide() on this channel: ack, nack, reject, or publish the retry or
+        dead letter (confirmed) and then ack. A failure whose publish the broker refuses is decided again."""
+        act, label, metrics = decision.act, delivery.label, self.worker.metrics
+        self.held.discard(delivery)
+        if act in (Act.RETRY, Act.DEAD_LETTER):
+            record = policy.failure_record(
+                decision,
+                workqueue.without_broker_headers(delivery.properties.headers),
+                self.args.queue,
+                max_retries=self.args.max_retries,
+                why=why,
+                now=time.time(),
+            )
             try:
-                delivery, result = self.tasks.finished.get_nowait()
-            except queue.Empty:
+                refused = self.publish(delivery, record)
+            except pika.exceptions.AMQPError:  # the connection died just now: say so, then reconnect
+                metrics.settled("lost")
+                self.say(f"[!] Failed '{label}': {why}; could not record it, its connection is gone; "
+                         "the broker redelivers it", thread)  # fmt: skip
+                raise
+            if refused:
+                failed = f"[!] Failed '{label}': {why}; could not publish to {record.queue} ({refused})"
+                again = self.decide(delivery, Outcome.FAILED, unrecorded=True)
+                if again.act is Act.HOLD:
+                    declare = record.queue if refused == "no such queue" else None  # deleted under us: declare it
+                    pause = self.hold(delivery, decision, why, thread, declare)
+                    self.say(f"{failed}; trying again in {pause:g}s", thread)
+                else:  # Act.REJECT: we are leaving
+                    self.say(failed, thread)
+                    self.settle(delivery, again, why, thread=thread)
                 return
-            self.on_task_done(delivery, result)
+            self.worker.publish_backoff.reset()
+            try:
+                self.channel.basic_ack(delivery_tag=delivery.delivery_tag)
+            except pika.exceptions.AMQPError:  # recorded, but the ack died with the connection: it runs again too
+                metrics.settled("lost")
+                self.say(f"[!] Failed '{label}': {why}; published to {record.queue}, but the ack was lost "
+                         "with its connection: the broker redelivers it too", thread)  # fmt: skip
+                raise
+            metrics.settled("retried" if act is Act.RETRY else "dead_lettered")
+            self.say(f"[!] Failed '{label}': {why}; {record.what}", thread)
+        elif act is Act.ACK:  # done: this is where a finished task is acked
+            try:
+                self.channel.basic_ack(delivery_tag=delivery.delivery_tag)
+            except pika.exceptions.AMQPError:  # the connection died just now: say so, then reconnect
+                metrics.settled("lost")
+                self.say(f"[!] Could not ack '{label}': its connection is gone; the broker redelivers it", thread)
+                raise
+            metrics.settled("done")
+            self.say(f"[x] Done '{label}' in {seconds:.1f}s", thread)
+        elif act is Act.HAND_BACK:  # a task not started: back to the queue, untouched
+            self.channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=True)
+            if self.worker.shutdown.asked:
+                self.say(f"[*] Handed back '{label}' untouched: shutting down")
+        elif act is Act.REJECT:  # a failure not recorded, and we are leaving: back, to run again
+            self.channel.basic_reject(delivery_tag=delivery.delivery_tag, requeue=True)
+            self.say(f"[*] Handed back '{label}' (its failure was not recorded yet): shutting down", thread)
+        elif act is Act.FORGOTTEN:  # --auto-ack: nothing to send
+            done = why is None
+            metrics.settled("done" if done else "lost")
+            self.say(f"[x] Done '{label}' in {seconds:.1f}s" if done else
+                     f"[!] Failed '{label}': {why} (auto-ack: the task is lost)", thread)  # fmt: skip
+        elif act is Act.LOST:
+            metrics.settled("lost")
+            gone = "channel" if self.channel.connection.is_open else "connection"
+            lost = decision.why or f"its {gone} is gone; the broker redelivers it if it kept it"
+            self.say(f"[!] Could not ack '{label}': {lost}", thread)
+        # (Act.DROPPED: nothing to send, nothing to say)
 
-    def tick(self, connection: pika.BlockingConnection) -> None:
-        """Every 0.2 s, in the connection's thread: act on a signal (its handler only records it), and
-        settle tasks whose wake-up could not reach us because their connection had died."""
-        if not connection.is_open:
-            return
-        self.act_on_stop()
-        self.settle_finished()
-        connection.call_later(0.2, functools.partial(self.tick, connection))
-
-    def hand_back(self, delivery: Delivery) -> None:
-        """A task we hold but did not start goes back to the queue, untouched. A nack says "could not
-        take it": RabbitMQ 4.3 does not count it toward the queue's delivery limit."""
-        if delivery.channel.is_open:
-            delivery.channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=True)
-            self.say(f"[*] Handed back '{delivery.label}' untouched: shutting down")
-
-    # A failed task: its retry or dead letter is published, confirmed, and then the task is acked.
-
-    def record_failure(self, delivery: Delivery, decision: policy.Decision, why: str, thread: int) -> None:
-        """Publish the failed task to a wait queue (or straight back) or to the DLQ, confirmed, then ack it.
-
-        While a retry waits, no worker holds it: it sits in a durable queue whose TTL hands it back
-        to the work queue when its delay is over, through a broker restart or a killed worker."""
-        headers = workqueue.without_broker_headers(delivery.properties.headers)
-        headers["x-retries"] = decision.retry  # a retry's number; for a dead letter, the runs that failed before
-        if decision.crashes:
-            headers["x-crashes"] = decision.crashes  # its runs that killed their process: the next is in a child
-        if decision.act is Act.RETRY:
-            retry, delay = decision.retry, decision.delay
-            headers.update(policy.due_header(time.time() + delay))  # its start shows how late it came
-            if delay:
-                target = workqueue.wait_queue(self.args.queue, delay)
-                due = workqueue.clock(time.time() + delay)
-                what = f"retry {retry} of {self.args.max_retries} in {delay:g}s (at {due}, waiting in {target})"
-            else:
-                target, what = self.args.queue, f"retry {retry} of {self.args.max_retries} now"
-        else:
-            headers["x-error"] = why[:200]
-            headers["x-original-queue"] = self.args.queue
-            headers["x-failed-at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            if decision.unfinished:  # runs that ended with no result, this time not run (dead_letters.py counts them)
-                headers["x-unfinished-runs"] = decision.unfinished
-            target, what = self.dead_letter_queue, f"moved to {self.dead_letter_queue}"
+    def publish(self, delivery: Delivery, record: policy.Record) -> str | None:
+        """Publish a failed task's retry or dead letter, confirmed: None once the broker has it, else why not."""
         try:
-            delivery.channel.basic_publish(
+            self.channel.basic_publish(
                 exchange="",
-                routing_key=target,
+                routing_key=record.queue,
                 body=delivery.body,
-                properties=republished(delivery.properties, headers),
+                properties=republished(delivery.properties, record.headers),
                 mandatory=True,
             )
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as error:
-            missing = isinstance(error, pika.exceptions.UnroutableError)
-            refused = "no such queue" if missing else "the broker refused it"
-            failed = f"[!] Failed '{delivery.label}': {why}; could not publish to {target} ({refused})"
-            if self.decide(delivery, Outcome.FAILED, unrecorded=True).act is Act.REJECT:  # we are leaving
-                delivery.channel.basic_reject(delivery_tag=delivery.delivery_tag, requeue=True)
-                self.say(f"{failed}; handed it back: shutting down", thread)
-                return
-            # Act.HOLD: its failure is not recorded yet: we keep the delivery (unacked, it holds its prefetch
-            # slot) and publish again after a pause that grows while publishing keeps failing. Handing it back
-            # would run it again at once, and count toward RabbitMQ 4's delivery limit.
-            pause = self.publish_backoff.next()
-            self.say(f"{failed}; trying again in {pause:g}s", thread)
-            self.awaiting_publish.add(delivery)
-            again = functools.partial(self.publish_again, delivery, decision, why, thread, target if missing else None)
-            delivery.channel.connection.call_later(pause, again)
-            return
-        except pika.exceptions.AMQPError:  # the connection died just now: say so, then reconnect
-            self.metrics.settled("lost")
-            self.say(f"[!] Failed '{delivery.label}': {why}; could not record it, its connection is gone; "
-                     "the broker redelivers it", thread)  # fmt: skip
-            raise
-        self.publish_backoff.reset()
-        try:
-            delivery.channel.basic_ack(delivery_tag=delivery.delivery_tag)
-        except pika.exceptions.AMQPError:  # recorded, but the ack died with the connection: it runs again too
-            self.metrics.settled("lost")
-            self.say(f"[!] Failed '{delivery.label}': {why}; published to {target}, but the ack was lost "
-                     "with its connection: the broker redelivers it too", thread)  # fmt: skip
-            raise
-        self.metrics.settled("retried" if decision.act is Act.RETRY else "dead_lettered")
-        self.say(f"[!] Failed '{delivery.label}': {why}; {what}", thread)
+        except pika.exceptions.UnroutableError:
+            return "no such queue"
+        except pika.exceptions.NackError:
+            return "the broker refused it"
+        return None
 
-    def publish_again(
-        self, delivery: Delivery, decision: policy.Decision, why: str, thread: int, declare: str | None
-    ) -> None:
-        """After a pause: publish a failed task's retry or dead letter again, declaring its queue first
-        if it had gone (deleted under us)."""
-        if delivery not in self.awaiting_publish:
-            return  # handed back by a warm shutdown meanwhile
-        self.awaiting_publish.discard(delivery)
-        if not delivery.channel.is_open:
-            return  # its channel died: the broker has it back, and redelivers it
+    def hold(self, delivery: Delivery, decision: policy.Decision, why, thread: int, declare: str | None) -> float:
+        """Act.HOLD: keep a failure the broker would not take (unacked, in its prefetch slot), and publish it again
+        after a pause that grows while publishing keeps failing; returns the pause. Handing it back would run it
+        again at once, and count toward the delivery limit."""
+        pause = self.worker.publish_backoff.next()
+        self.held.add(delivery)
+        again = functools.partial(self.publish_again, delivery, decision, why, thread, declare)
+        self.channel.connection.call_later(pause, again)
+        return pause
+
+    def publish_again(self, delivery, decision, why, thread, declare: str | None) -> None:
+        if delivery not in self.held or not self.channel.is_open:
+            return  # settled meanwhile (handed back by a warm shutdown), or its channel died: the broker has it
         if declare:
             try:
-                self.declare(delivery.channel.connection, declare)
+                self.declare(self.channel.connection, declare)
             except pika.exceptions.ChannelClosedByBroker as error:  # say why; the publish fails again, later
                 LOGGER.warning("could not declare %s again: %s", declare, workqueue.describe(error))
-        self.record_failure(delivery, decision, why, thread)
+        self.settle(delivery, decision, why, thread=thread)
+
+    # Stopping, and what the broker takes back.
+
+    def stop_taking_tasks(self) -> None:
+        """A stop, or --max-tasks reached: cancel our consumer, then hand back the tasks not started (at a stop)
+        and the failures not recorded. Cancel first: a task handed back while the consumer still runs would come
+        straight back to it. Deliveries pika had not handed to on_message yet it rejects itself (requeue); an
+        auto-ack consumer's come back to us: ours alone, they run."""
+        if self.consuming and self.channel.is_open:
+            self.consuming = False
+            for tag in list(self.channel.consumer_tags):
+                for method, properties, body in self.channel.basic_cancel(tag):
+                    self.on_message(self.channel, method, properties, body)
+        if self.worker.shutdown.asked:
+            self.give_back_waiting()
+        for delivery in list(self.held):
+            self.settle(delivery, self.decide(delivery, Outcome.FAILED, unrecorded=True), None)
+
+    def give_back_waiting(self, **facts) -> None:
+        """Every task held here that no thread has started: policy decides (hand back; drop if the channel died)."""
+        if self.args.auto_ack:
+            return  # auto-acked tasks are ours alone: do them rather than lose them
+        for delivery in list(self.in_hand):
+            if self.worker.tasks.drop(delivery):  # still waiting for a thread: it never will
+                self.in_hand.discard(delivery)
+                self.worker.started -= 1
+                self.settle(delivery, self.decide(delivery, Outcome.NOT_STARTED, **facts), None)
+
+    def channel_gone(self) -> None:
+        """The channel (or its connection) died: the broker has every task it held back. Nothing is sent."""
+        self.consuming = False
+        self.give_back_waiting(channel_open=False)
+        for delivery in list(self.held):
+            self.settle(delivery, self.decide(delivery, Outcome.FAILED, unrecorded=True, channel_open=False), None)
+
+    def on_cancelled_by_broker(self, _method_frame) -> None:
+        """basic.cancel from the broker: its queue was deleted, its node went down, or (4.3) a consumer timeout
+        took a task back. In pika's I/O: only note it; start_consuming() returns, and consume() goes on."""
+        self.cancelled_by_broker = True
+
+    def cancelled(self) -> Delivery | None:
+        """The broker cancelled our consumer. The channel stays open for the running tasks' acks; its tasks not
+        started go back now, and it is closed once it holds none."""
+        why, taken_back = self.why_cancelled()
+        running = self.took_back(taken_back)
+        self.give_back_waiting()
+        self.close_if_idle()
+        LOGGER.warning("%s%s", why, lost_acks(1 if running else 0))
+        self.worker.metrics.lost(why)
+        return taken_back
+
+    def closed_by_consumer_timeout(self, error: pika.exceptions.ChannelClosedByBroker) -> Delivery | None:
+        """Before 4.3: the broker closed the channel over a consumer timeout, and took back every task it held."""
+        taken_back = self.oldest_unacked()
+        hint = self.timeout_hint(taken_back)
+        self.took_back(taken_back)
+        self.channel_gone()
+        timeout = re.search(r"Timeout value used: (\d+) ms", error.reply_text)
+        limit = f" of {int(timeout[1]) / 1000:g}s" if timeout else ""
+        why = f"the broker's consumer timeout{limit} took back our tasks; {hint}"
+        LOGGER.warning("%s%s", why, lost_acks(len(self.in_hand)))
+        self.worker.metrics.lost(why)
+        return taken_back
+
+    def timeout_hint(self, oldest: Delivery | None) -> str:
+        if oldest is not None and oldest in self.held:
+            return f"the oldest, '{oldest.label}', was a failure we held while its record was refused: it runs again"
+        return consumer_timeout_hint(self.args)
+
+    def took_back(self, delivery: Delivery | None) -> bool:
+        """A consumer timeout took this task back: not ours to settle any more. A running one is counted (see
+        on_message: a task that keeps running past the timeout is dead-lettered); a failure we held, whose
+        record the broker refused, just runs again. True if it was running (its ack is lost)."""
+        if delivery is None:
+            return False
+        if delivery in self.held:
+            self.held.discard(delivery)
+            return False
+        delivery.taken_back = True
+        timed_out = self.worker.timed_out
+        timed_out[delivery.identity] = timed_out.get(delivery.identity, 0) + 1
+        if len(timed_out) > 10_000:  # remember the most recent ones
+            del timed_out[next(iter(timed_out))]
+        return True
+
+    def why_cancelled(self) -> tuple[str, Delivery | None]:
+        """basic.cancel carries no reason: tell the usual ones apart. Returns what to say, and the task a
+        consumer timeout took back (None if it was not one)."""
+        oldest = self.oldest_unacked()
+        connection = self.channel.connection
+        for attempt in range(1 if oldest else 4):  # a queue being deleted can still answer for a moment (4.3)
+            if attempt:
+                connection.sleep(0.25)
+            try:
+                with workqueue.short_channel(connection) as probe:
+                    probe.queue_declare(queue=self.args.queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as error:
+                if error.reply_code != 404:
+                    raise
+                deleted = (
+                    f"the broker cancelled our consumer: queue '{self.args.queue}' was deleted; declaring it again"
+                )
+                return deleted, None
+        held_for = time.monotonic() - oldest.received if oldest else 0.0
+        known = self.args.consumer_timeout
+        if oldest and (known is None or held_for >= known - 1):
+            # RabbitMQ 4.3 cancels the consumer, rather than close the channel, when a task is held too long.
+            why = (
+                f"the broker cancelled our consumer while it held '{oldest.label}' for {held_for:.0f}s: "
+                f"most likely a consumer timeout took it back; {self.timeout_hint(oldest)}"
+            )
+            return why, oldest
+        return (
+            "the broker cancelled our consumer (its queue was deleted and declared again, or the node holding "
+            "it is down); consuming again",
+            None,
+        )
+
+    # Our queues: the work queue, its dead-letter queue, and the wait queues of the retries.
 
     def wait_queues(self) -> dict[str, float]:
         """The wait queue of each delay that --max-retries can reach: {name: delay}."""
@@ -413,7 +435,7 @@ class Worker:
 
     def declare(self, connection: pika.BlockingConnection, name: str) -> None:
         """Declare one of our queues (the work queue, a wait queue, the dead-letter queue) by its name."""
-        if name == self.dead_letter_queue:
+        if name == workqueue.dead_letter_queue(self.args.queue):
             workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)
             return
         delays = self.wait_queues()
@@ -424,7 +446,176 @@ class Worker:
                 arguments = workqueue.queue_arguments(self.args.queue_type)
             channel.queue_declare(queue=name, durable=True, arguments=arguments)
 
-    # Shutdown: the signal handler records the request; stop_taking_tasks() acts on it.
+    def running(self) -> int:
+        return sum(1 for delivery in self.in_hand if delivery.state is TaskState.RUNNING)
+
+    def oldest_unacked(self) -> Delivery | None:
+        """The task held unacked longest, running or a failure held: the first a consumer timeout takes back."""
+        unacked = [d for d in self.in_hand if d.state is TaskState.RUNNING] + list(self.held)
+        return min(unacked, key=lambda delivery: delivery.received, default=None)
+
+    def close_if_idle(self) -> None:
+        """Close the channel once our consumer is gone and no task of it is in hand any more."""
+        if not self.consuming and not self.in_hand and not self.held and self.channel.is_open:
+            try:
+                self.channel.close()
+            except pika.exceptions.AMQPError:
+                pass
+
+
+# --- The connection: reconnects, --max-tasks, shutdown ---------------------------------------------------
+
+
+class Worker:
+    """The connection, and what outlives its channels. The per-channel work is the Consumer's, above.
+
+    Opens the connection (again after every loss), makes a fresh Consumer for each channel, counts the
+    tasks started for --max-tasks, and turns a stop request into the stopping state (stop()).
+
+    Every method but wake() runs in the main thread, which owns the connection, its channels and every
+    field here and in each Consumer. A task thread calls wake() alone: it asks this thread to look at
+    the finished tasks through connection.add_callback_threadsafe (the one thread-safe call of a
+    BlockingConnection). The signal handler, which Python runs in this thread between two statements,
+    only records a request (Shutdown).
+    """
+
+    def __init__(self, args: argparse.Namespace, tasks: TaskPool, console: Console, metrics, shutdown: Shutdown):
+        self.args = args
+        self.tasks = tasks
+        self.metrics = metrics
+        self.say = console.say
+        self.shutdown = shutdown
+        self.options = policy.Options(args.max_retries, tuple(args.retry_delays), args.auto_ack)
+        self.started = 0  # tasks handed to the pool, less those dropped before they started: --max-tasks counts these
+        # The consumers that still hold deliveries: the one taking tasks (the last), and any the broker
+        # cancelled while tasks of theirs still ran (4.3). A consumer whose channel died holds none that
+        # need it: its running tasks' results still reach it (Delivery.consumer), to say their acks are lost.
+        self.consumers: list[Consumer] = []
+        # How often a consumer timeout took each task back from us while it ran (by Delivery.identity): it
+        # outlives the channel by design, since the broker redelivers the task on the next one.
+        self.timed_out: dict[str, int] = {}
+        self.publish_backoff = workqueue.Backoff()  # pauses while publishing retries or dead letters fails
+        self.fatal: workqueue.WorkQueueError | None = None  # why the worker gave up, once it has
+
+    def run(self) -> int:
+        """Connect, consume, and reconnect after every loss, until told to stop."""
+        self.tasks.wait_ready()
+        urls = workqueue.broker_urls(self.args.url)
+        retry_for = self.args.connect_timeout
+        backoff = workqueue.Backoff()
+        while not self.shutdown.asked and not self.took_enough():  # (a drop before a start gives a task back)
+            connected = workqueue.connect(urls, retry_for, should_stop=lambda: self.shutdown.asked)
+            if connected is None:
+                break
+            if retry_for is None:  # a connection opened again after a loss (a try that a stop cut short is none)
+                self.metrics.reconnected()
+            connection, url = connected
+            retry_for = None  # once connected, a later loss is retried until we are stopped
+            opened = time.monotonic()
+            try:
+                self.consume(connection)
+                connection.close()
+                break
+            except pika.exceptions.AMQPError as error:
+                refused = workqueue.access_refused(error, url)
+                if refused:
+                    raise refused from None  # a reconnect cannot cure missing permissions
+                if not workqueue.is_connection_lost(error):
+                    raise
+                self.connection_lost(connection, error)
+                if time.monotonic() - opened > STEADY_SECONDS:
+                    backoff.reset()
+                workqueue.sleep_unless(backoff.next(), lambda: self.shutdown.asked)  # never a tight loop
+        self.stop()  # (if asked for while disconnected: the state says so; there is nothing to cancel)
+        while self.holding():  # leaving while disconnected: let the running tasks end (their acks are lost)
+            self.on_task_done(*self.tasks.finished.get())
+        if self.fatal:
+            raise self.fatal
+        return workqueue.EXIT_OK
+
+    def consume(self, connection: pika.BlockingConnection) -> None:
+        """Take tasks on a fresh Consumer (channel) after each one the broker cancels or closes, until told
+        to stop or --max-tasks is reached; then let the running tasks end, and their acks go out."""
+        self.settle_finished()  # tasks of an earlier connection that ended meanwhile: report their lost acks
+        self.tick(connection)
+        while True:
+            if not self.shutdown.asked and not self.took_enough():
+                consumer = Consumer(self, connection)
+                self.consumers.append(consumer)
+                taken_back = consumer.consume()  # until our consumer is cancelled, by us or the broker
+                self.wait_for_a_free_thread(connection, taken_back)
+            elif self.holding():  # a warm shutdown, or --max-tasks: the running tasks' acks go out here
+                connection.process_data_events(time_limit=0.25)
+                self.settle_finished()
+                self.notice_closed_channels()  # (a channel that died dropped its waiting tasks: took_enough() may turn)
+            elif not self.consumers and self.args.max_tasks == 0:
+                Consumer(self, connection).close_if_idle()  # --max-tasks 0: declare the queues, take nothing
+                return
+            else:
+                return
+
+    def took_enough(self) -> bool:
+        return self.args.max_tasks is not None and self.started >= self.args.max_tasks
+
+    def holding(self) -> bool:
+        """Tasks of ours still run (or wait for a thread), on any channel."""
+        return any(consumer.in_hand for consumer in self.consumers)
+
+    def notice_closed_channels(self) -> None:
+        """A channel the broker closed while we were not consuming on it (a consumer timeout while the last
+        tasks run, a cancelled consumer's channel) raises nowhere: drop what it held, as for any dead channel.
+        And forget the consumers that hold nothing any more."""
+        for consumer in self.consumers:
+            if not consumer.channel.is_open:
+                consumer.channel_gone()
+        self.consumers = [c for c in self.consumers if c.in_hand or c.channel.is_open]
+
+    # Finished tasks: from a task thread back to the connection's thread, and to the consumer they came from.
+
+    def wake(self, delivery: Delivery) -> None:
+        """In a task thread, as its task ends: ask the connection's thread to settle it."""
+        try:
+            delivery.channel.connection.add_callback_threadsafe(self.settle_finished)
+        except pika.exceptions.ConnectionWrongStateError:
+            pass  # that connection is gone: tick() or run() reports the lost ack
+
+    def settle_finished(self) -> None:
+        """Every task that finished and is not settled yet: its consumer's on_task_done()."""
+        while True:
+            try:
+                delivery, result = self.tasks.finished.get_nowait()
+            except queue.Empty:
+                return
+            self.on_task_done(delivery, result)
+
+    def on_task_done(self, delivery: Delivery, result: Result) -> None:
+        if result.outcome in (Outcome.NOT_STARTED, Outcome.CANNOT_RUN):
+            self.started -= 1  # --max-tasks counts tasks started
+        if result.outcome is Outcome.CANNOT_RUN:
+            self.give_up(CannotRunTasks(f"cannot run tasks: {result.why}"))
+        delivery.consumer.on_task_done(delivery, result)
+
+    def tick(self, connection: pika.BlockingConnection) -> None:
+        """Every 0.2 s, in the connection's thread: act on a signal (its handler only records it), and
+        settle tasks whose wake-up could not reach us because their connection had died."""
+        if not connection.is_open:
+            return
+        self.settle_finished()  # first: a stop acted on now counts only the tasks still running
+        self.notice_closed_channels()
+        self.stop()
+        connection.call_later(0.2, functools.partial(self.tick, connection))
+
+    def wait_for_a_free_thread(self, connection: pika.BlockingConnection, taken_back: Delivery | None) -> None:
+        """The task a consumer timeout took back comes straight back to us: consume again once a thread is
+        free to run it, or it waits past the timeout again."""
+        while taken_back and self.running() >= self.args.concurrency and not self.shutdown.asked:
+            connection.process_data_events(time_limit=0.25)
+            self.settle_finished()
+
+    def running(self) -> int:
+        return sum(consumer.running() for consumer in self.consumers)
+
+    # Shutdown: the signal handler records the request; stop() alone acts on it.
 
     def on_signal(self, signum, _frame) -> None:
         """The first SIGINT or SIGTERM asks for a warm shutdown, the second quits at once."""
@@ -446,56 +637,31 @@ class Worker:
             self.fatal = error
             self.metrics.problem = str(error)
             LOGGER.error("%s; taking no more tasks, and handing back those not started", error)
-            self.shutdown.give_up()
+            if self.shutdown.requested is None:
+                self.shutdown.requested = 0  # a request like a signal's (0: the worker's own)
 
-    def act_on_stop(self) -> None:
-        """A warm shutdown was asked for and a consumer still runs: act now. Called at the connection
-        thread's next chance: in tick(), on_message(), and before an ack (an ack would let the broker send
-        the next task, only for it to go back). With no consumer (after --max-tasks, between channels,
-        while reconnecting) there is nothing to cancel: no task starts anyway, and each task that waits
-        for a thread goes back as a thread reaches it (Outcome.NOT_STARTED)."""
-        channel = self.channel
-        if (
-            self.shutdown.requested is not None
-            and self.shutdown.phase is not Phase.STOPPING
-            and channel is not None
-            and channel.is_open
-            and channel.consumer_tags
-        ):
-            self.stop_taking_tasks(Phase.STOPPING)
-
-    def stop_taking_tasks(self, phase: Phase) -> None:
-        """The one place the shutdown state changes, and what each change asks for is done (see Shutdown)."""
-        self.shutdown.phase = phase
+    def stop(self) -> None:
+        """The one place the shutdown state changes: once a stop was asked for, at the connection thread's
+        next chance (tick(), a delivery, before an ack, or leaving): every consumer stops taking tasks and
+        hands back those not started; the running ones finish."""
+        if not self.shutdown.asked or self.shutdown.state is State.STOPPING:
+            return
+        self.shutdown.state = State.STOPPING
         self.metrics.lost(str(self.fatal) if self.fatal else "shutting down")  # /healthz says why
-        channel = self.channel
-        if channel and channel.is_open:
-            for tag in list(channel.consumer_tags):
-                # Cancel first: a task handed back while the consumer still runs would come straight
-                # back to it, and go back a second time. Deliveries pika had not handed to on_message yet
-                # it rejects itself (requeue); an auto-ack consumer's come back to us: ours alone, they run.
-                for method, properties, body in channel.basic_cancel(tag):
-                    self.receive(channel, method, properties, body)
-        if phase is Phase.STOPPING and not self.args.auto_ack:
-            for delivery in list(self.in_hand):
-                if self.tasks.drop(delivery):  # still waiting for a thread
-                    self.in_hand.discard(delivery)
-                    self.hand_back(delivery)
-        for delivery in list(self.awaiting_publish):  # failed, and not recorded yet: back to the queue
-            self.awaiting_publish.discard(delivery)
-            if delivery.channel.is_open:
-                delivery.channel.basic_reject(delivery_tag=delivery.delivery_tag, requeue=True)
-                self.say(f"[*] Handed back '{delivery.label}' (its failure was not recorded yet): shutting down")
-        if phase is Phase.STOPPING and self.in_hand:
-            running = workqueue.plural(len(self.in_hand), "running task")
-            self.say(f"[*] Finishing {running} first (press CTRL+C again to quit now)")
-
-    # When the broker takes tasks back: a lost connection, a cancelled consumer, a consumer timeout.
+        for consumer in self.consumers:
+            consumer.stop_taking_tasks()
+        running = self.running()
+        if running:
+            self.say(
+                f"[*] Finishing {workqueue.plural(running, 'running task')} first (press CTRL+C again to quit now)"
+            )
 
     def connection_lost(self, connection: pika.BlockingConnection, error: BaseException) -> None:
-        """The connection died: its tasks not started must not run, and the running ones' acks are lost."""
-        self.drop_not_started()
-        running = len(self.in_hand) if not self.args.auto_ack else 0
+        """The connection died, and every channel with it: no task of theirs that waits may start, and the
+        running ones' acks are lost."""
+        for consumer in self.consumers:
+            consumer.channel_gone()
+        running = 0 if self.args.auto_ack else sum(len(consumer.in_hand) for consumer in self.consumers)
         LOGGER.warning("connection lost: %s; reconnecting%s", workqueue.describe(error), lost_acks(running))
         self.metrics.lost(f"broker lost ({workqueue.describe(error)}): reconnecting")
         if connection.is_open:
@@ -504,184 +670,60 @@ class Worker:
             except pika.exceptions.AMQPError:
                 pass
 
-    def drop_not_started(self) -> None:
-        """The channel died: its deliveries still waiting for a thread must not run (the broker has
-        requeued them), and nothing of that channel may be acked on the next one."""
-        self.awaiting_publish = {d for d in self.awaiting_publish if d.channel.is_open}  # the broker has the rest
-        if self.args.auto_ack:
-            return  # auto-acked tasks are ours alone: do them rather than lose them
-        for delivery in list(self.in_hand):
-            if self.tasks.drop(delivery):
-                self.in_hand.discard(delivery)
 
-    def finish_orphans(self) -> None:
-        """Leaving while disconnected: let the running tasks end (their acks are lost), then go."""
-        while self.in_hand:
-            self.on_task_done(*self.tasks.finished.get())
-
-    def channel_timed_out(self, channel: BlockingChannel, error: pika.exceptions.ChannelClosedByBroker) -> None:
-        """Before 4.3: the broker closed the channel over a consumer timeout, and every task it held is the
-        broker's again."""
-        taken_back = self.oldest_running(channel)
-        timeout = re.search(r"Timeout value used: (\d+) ms", error.reply_text)
-        limit = f" of {int(timeout[1]) / 1000:g}s" if timeout else ""
-        why = f"the broker's consumer timeout{limit} took back our tasks; {self.consumer_timeout_hint()}"
-        self.leave_channel(channel, why, taken_back)
-        self.wait_for_a_free_thread(channel.connection, taken_back)
-
-    def consumer_cancelled(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        """The broker cancelled our consumer: its queue was deleted, its node went down, or (4.3) a
-        consumer timeout took a task back."""
-        why, taken_back = self.why_cancelled(connection, channel)
-        self.leave_channel(channel, why, taken_back)
-        self.wait_for_a_free_thread(connection, taken_back)
-
-    def wait_for_a_free_thread(self, connection: pika.BlockingConnection, taken_back: Delivery | None) -> None:
-        """The task taken back comes straight back to us: consume again once a thread is free to run it,
-        or it waits past the timeout again."""
-        while taken_back and self.running() >= self.args.concurrency and not self.shutdown.stopping:
-            connection.process_data_events(time_limit=0.25)
-            self.settle_finished()
-
-    def running(self) -> int:
-        return sum(1 for delivery in self.in_hand if delivery.state is TaskState.RUNNING)
-
-    def oldest_running(self, channel: BlockingChannel) -> Delivery | None:
-        """The task of this channel held longest: the first a consumer timeout takes back."""
-        running = [d for d in self.in_hand if d.channel is channel and d.state is TaskState.RUNNING]
-        return min(running, key=lambda delivery: delivery.received, default=None)
-
-    def consumer_timeout_hint(self) -> str:
-        if self.args.consumer_timeout is not None:
-            return f"for tasks this long, raise --consumer-timeout (now {self.args.consumer_timeout:g}s; RabbitMQ 4.3)"
-        return "for tasks this long, raise the broker's consumer_timeout, or give --consumer-timeout (RabbitMQ 4.3)"
-
-    def consumer_arguments(self) -> dict:
-        """x-consumer-timeout (RabbitMQ 4.3; older brokers ignore it): how long the broker lets this
-        consumer hold a task unacked before it takes the task back."""
-        if self.args.consumer_timeout is None:
-            return {}
-        return {"x-consumer-timeout": round(self.args.consumer_timeout * 1000)}
-
-    def why_cancelled(
-        self, connection: pika.BlockingConnection, channel: BlockingChannel
-    ) -> tuple[str, Delivery | None]:
-        """The broker cancelled our consumer, and basic.cancel carries no reason: tell the usual ones
-        apart. Returns what to say, and the task a consumer timeout took back (None if it was not one)."""
-        oldest = self.oldest_running(channel)
-        for attempt in range(1 if oldest else 4):  # a queue being deleted can still answer for a moment (4.3)
-            if attempt:
-                connection.sleep(0.25)
-            try:
-                with workqueue.short_channel(connection) as probe:
-                    probe.queue_declare(queue=self.args.queue, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as error:
-                if error.reply_code != 404:
-                    raise
-                deleted = (
-                    f"the broker cancelled our consumer: queue '{self.args.queue}' was deleted; declaring it again"
-                )
-                return deleted, None
-        held_for = time.monotonic() - oldest.received if oldest else 0.0
-        known = self.args.consumer_timeout
-        if oldest and (known is None or held_for >= known - 1):
-            # RabbitMQ 4.3 cancels the consumer, rather than close the channel, when a task is held too long.
-            why = (
-                f"the broker cancelled our consumer while it held '{oldest.label}' for {held_for:.0f}s: "
-                f"most likely a consumer timeout took it back; {self.consumer_timeout_hint()}"
-            )
-            return why, oldest
-        return (
-            "the broker cancelled our consumer (its queue was deleted and declared again, or the node holding "
-            "it is down); consuming again",
-            None,
-        )
-
-    def leave_channel(self, channel: BlockingChannel, why: str, taken_back: Delivery | None) -> None:
-        """Say why, and consume on a fresh channel from now on.
-
-        A channel that the broker closed took its tasks back: those not started are dropped, the
-        running ones' acks are lost. A channel whose consumer the broker cancelled (4.3) stays
-        open for its running tasks' acks; its tasks not started go back now, and it is closed once
-        it holds none. A task a consumer timeout took back is not acked, and counted (see receive())."""
-        if taken_back:
-            taken_back.taken_back = True
-            self.timed_out[taken_back.identity] = self.timed_out.get(taken_back.identity, 0) + 1
-            if len(self.timed_out) > 10_000:  # remember the most recent ones
-                del self.timed_out[next(iter(self.timed_out))]
-        if channel.is_open:
-            for delivery in [d for d in self.in_hand if d.channel is channel]:
-                if self.tasks.drop(delivery):
-                    self.in_hand.discard(delivery)
-                    channel.basic_nack(delivery.delivery_tag, requeue=True)
-            self.retired.add(channel)
-            self.close_if_idle(channel)
-            lost = 1 if taken_back else 0
-        else:
-            self.drop_not_started()
-            lost = sum(1 for d in self.in_hand if d.channel is channel)
-        LOGGER.warning("%s%s", why, lost_acks(lost))
-        self.metrics.lost(why)
-
-    def close_if_idle(self, channel: BlockingChannel) -> None:
-        """Close a channel we left, once no task of it is in hand any more."""
-        if channel in self.retired and not any(d.channel is channel for d in self.in_hand | self.awaiting_publish):
-            self.retired.discard(channel)
-            if channel.is_open:
-                try:
-                    channel.close()
-                except pika.exceptions.AMQPError:
-                    pass
-
-
-class Phase(enum.Enum):
+class State(enum.Enum):
     TAKING = "taking tasks"
-    LAST_TASKS = "--max-tasks reached"
     STOPPING = "warm shutdown"
 
 
 class Shutdown:
-    """Whether the worker takes tasks: one state, and what each phase allows.
+    """Whether the worker takes tasks: one state, TAKING or STOPPING, and the request that turns it.
 
     - TAKING: deliveries come; each is started by a task thread, and acked (or retried, dead-lettered)
-      when it ends.
-    - LAST_TASKS (--max-tasks reached): the consumer is cancelled; every task taken is started, run and
-      acked; a delivery that still reaches on_message goes back (nack; pika rejects itself the ones it
-      held at the cancel).
-    - STOPPING (the first Ctrl+C or SIGTERM): the consumer is cancelled; no task starts; every task held
-      and not started goes back (nack), untouched; the running ones finish and are acked; a failed task
-      whose retry could not be published goes back (reject). Then the worker exits 0.
+      when it ends. (--max-tasks is not a shutdown: once N tasks have started the consumer is cancelled,
+      and the worker exits when they end.)
+    - STOPPING (the first Ctrl+C or SIGTERM, or Worker.give_up()): the consumers are cancelled; no task
+      starts; every task held and not started goes back (nack), untouched; the running ones finish and
+      are acked; a failed task whose retry could not be published goes back (reject). Then the worker exits.
     (A second signal is a cold shutdown: the worker exits at once, acking nothing.)
 
     Who writes what: `requested` is written once, by the signal handler or give_up() (both in the
-    connection's thread), and read by every thread (a
-    task thread asks tasks_may_start() before it starts a task): from then on the worker is stopping.
-    `phase` belongs to the connection's thread; Worker.stop_taking_tasks() is the one place that changes
-    it and acts on the change, as soon as a consumer runs to be cancelled (Worker.act_on_stop).
+    connection's thread), and read by every thread (a task thread asks tasks_may_start() before it
+    starts a task): from then on no task starts. `state` is written in one place, Worker.stop(), which
+    acts on the request at the connection thread's next chance.
     """
 
     def __init__(self, auto_ack: bool):
         self.requested: int | None = None  # the signal that asked for a warm shutdown (0: the worker itself)
         self.signalled = False  # a first SIGINT or SIGTERM came: the next is a cold shutdown
-        self.phase = Phase.TAKING
+        self.state = State.TAKING
         self.auto_ack = auto_ack
 
     @property
-    def stopping(self) -> bool:
-        """No more tasks are taken: asked for, or acted on."""
-        return self.requested is not None or self.phase is not Phase.TAKING
-
-    def give_up(self) -> None:
-        """A warm shutdown the worker asks of itself (Worker.give_up): a request like a signal's."""
-        if self.requested is None:
-            self.requested = 0
+    def asked(self) -> bool:
+        """A stop was asked for: no task is taken from now on."""
+        return self.requested is not None
 
     def tasks_may_start(self) -> bool:
-        """In any thread. After a signal no task starts, except auto-acked ones: the broker forgot them."""
+        """In any thread. After a request no task starts, except auto-acked ones: the broker forgot them."""
         return self.requested is None or self.auto_ack
 
 
 # --- Helpers ----------------------------------------------------------------------------------
+
+
+def consumer_timeout_hint(args: argparse.Namespace) -> str:
+    if args.consumer_timeout is not None:
+        return f"for tasks this long, raise --consumer-timeout (now {args.consumer_timeout:g}s; RabbitMQ 4.3)"
+    return "for tasks this long, raise the broker's consumer_timeout, or give --consumer-timeout (RabbitMQ 4.3)"
+
+
+def consumer_arguments(consumer_timeout: float | None) -> dict:
+    """x-consumer-timeout (RabbitMQ 4.3; older brokers ignore it): how long the broker lets this
+    consumer hold a task unacked before it takes the task back."""
+    if consumer_timeout is None:
+        return {}
+    return {"x-consumer-timeout": round(consumer_timeout * 1000)}
 
 
 def is_consumer_timeout(error: BaseException) -> bool:

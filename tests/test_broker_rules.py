@@ -137,18 +137,25 @@ def test_a_warm_shutdown_hands_each_held_task_back_once(env, queue, start, broke
     assert body == b"held" and returns_seen(headers) == 1, headers
 
 
-def test_a_refused_dead_letter_publish_backs_off_and_loses_nothing(env, queue, start, broker):
-    """A dead-letter queue that refuses (full, say) must not turn the worker into a hot loop."""
-    worker = start_worker(start, queue, "--max-retries", "0")
+def refuse_dead_letters(broker, queue: str) -> str:
+    """From now on <queue>.dlq refuses every publish (until its policy, returned, is cleared and one of its
+    messages, b"earlier", is taken): a quorum queue refuses a publish once it is past its max-length, 1 > 0."""
     with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
         channel = connection.channel()
         channel.confirm_delivery()
         channel.basic_publish("", queue + ".dlq", b"earlier")
-    policy = f"{queue}-full"  # a quorum queue refuses a publish once it is past its max-length: 1 > 0
+    policy = f"{queue}-full"
     broker.rabbitmqctl(
         "set_policy", policy, f"^{re.escape(queue)}\\.dlq$", '{"max-length": 0, "overflow": "reject-publish"}',
         "--apply-to", "queues",
     )  # fmt: skip
+    return policy
+
+
+def test_a_refused_dead_letter_publish_backs_off_and_loses_nothing(env, queue, start, broker):
+    """A dead-letter queue that refuses (full, say) must not turn the worker into a hot loop."""
+    worker = start_worker(start, queue, "--max-retries", "0")
+    policy = refuse_dead_letters(broker, queue)
     try:
         publish(env, queue, "error")
         worker.wait_for(r"could not publish to \S+\.dlq \(the broker refused it\); trying again in")
@@ -167,6 +174,32 @@ def test_a_refused_dead_letter_publish_backs_off_and_loses_nothing(env, queue, s
     ((body, headers),) = get_all(broker, queue + ".dlq")
     assert body == b"error" and headers["x-error"] == "TaskFailed: the task says 'error'"
     assert worker.count(r"Received 'error'") == 1 and worker.proc.poll() is None
+
+
+def test_a_failure_held_past_the_consumer_timeout_is_dead_lettered_once_and_blames_no_running_task(
+    env, queue, start, broker, consumer_timeout_3s
+):
+    """The dead-letter queue refuses for longer than the consumer timeout: the broker takes the held failure
+    back (4.3 cancels the consumer, older releases close the channel). It is the oldest task held, so no
+    running task is blamed for it, and it ends in the dead-letter queue once, after it has run again."""
+    worker = start_worker(start, queue, "--max-retries", "0", "--concurrency", "2", "--dot-seconds", "0.5")
+    policy = refuse_dead_letters(broker, queue)
+    try:
+        publish(env, queue, "error")
+        worker.wait_for(r"could not publish to \S+\.dlq \(the broker refused it\); trying again in")
+        publish(env, queue, "beside..")  # 1 s, run beside the held failure, again and again as channels go
+        worker.wait_for(r"consumer timeout|cancelled our consumer", timeout=60)
+        worker.wait_for(r"Received 'error' \(redelivered", timeout=30)
+        with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:  # room again (see above)
+            assert connection.channel().basic_get(queue + ".dlq", auto_ack=True)[2] == b"earlier"
+    finally:
+        broker.rabbitmqctl("clear_policy", policy)
+    worker.wait_for(r"Failed 'error': TaskFailed: the task says 'error'; moved to ", timeout=60)
+    wait_for_counts(broker, queue, 0, 0)
+    dead = get_all(broker, queue + ".dlq")
+    assert [body for body, _ in dead] == [b"error"], worker.output
+    assert "Done 'beside..'" in worker.output and worker.proc.poll() is None, worker.output
+    assert "'beside..' for" not in worker.output, worker.output  # not blamed as the task held too long
 
 
 @pytest.fixture

@@ -86,6 +86,35 @@ def test_worker_reconnects_after_the_connection_is_cut(env, queue, start, broker
     wait_for_counts(broker, queue, 0, 0)
 
 
+def test_max_tasks_counts_tasks_started_not_deliveries_dropped_with_a_cut_connection(env, queue, start, broker, proxy):
+    # Three tasks arrive at once; the cut comes while the first runs: the other two never start, the
+    # broker has them back, and --max-tasks 3 still means three starts (the first one's, run again, counts).
+    worker = start_worker(
+        start, queue, "--url", proxy.url(), "--dot-seconds", "1", "--max-tasks", "3", "--prefetch", "3"
+    )
+    publish(env, queue, "t1..", "t2.", "t3.", "t4.", "t5.")
+    worker.wait_for(r"Received 't1\.\.'")
+    proxy.cut()
+
+    assert worker.wait(timeout=60) == 0, worker.output
+    assert worker.count(r"Received '") == 3, worker.output
+    assert done_tasks(worker) == ["t1..", "t2."], worker.output
+    wait_for_counts(broker, queue, 3, 0)
+
+
+def test_a_worker_that_took_its_max_tasks_exits_when_its_last_task_ends_even_while_the_broker_is_gone(
+    env, queue, start, broker, proxy
+):
+    worker = start_worker(start, queue, "--url", proxy.url(), "--dot-seconds", "1", "--max-tasks", "1")
+    publish(env, queue, "last..")
+    worker.wait_for(r"Received 'last\.\.'")
+    proxy.close()  # the broker is out of reach from now on: a reconnect cannot take another task anyway
+
+    assert worker.wait(timeout=30) == 0, worker.output
+    assert "Could not ack 'last..': its connection is gone" in worker.output
+    wait_for_counts(broker, queue, 1, 0)  # back in the queue, for the next worker
+
+
 def test_workers_and_producer_ride_out_a_broker_restart(queue, start, running_broker, tmp_path):
     count = 3000
     tasks = tmp_path / "tasks.txt"

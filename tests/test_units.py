@@ -463,6 +463,7 @@ DECISIONS = [
     # Its retry or dead letter could not be published: held and tried again; at a shutdown, back (reject).
     ("4.3", None, F, {"unrecorded": True}, DEFAULT, (policy.Act.HOLD,)),
     ("4.3", None, F, {"unrecorded": True, "stopping": True}, DEFAULT, (policy.Act.REJECT,)),
+    ("4.3", None, F, {"unrecorded": True, "channel_open": False}, DEFAULT, (policy.Act.DROPPED,)),  # broker has it
     # A warm shutdown came before a thread took it: back, untouched (a nack), unless its channel is gone.
     ("4.3", None, NS, {"stopping": True}, DEFAULT, (policy.Act.HAND_BACK,)),
     ("4.3", None, NS, {"stopping": True, "channel_open": False}, DEFAULT, (policy.Act.DROPPED,)),
@@ -480,6 +481,27 @@ DECISIONS = [
     ("4.3", None, F, {"why": "boom"}, policy.Options(auto_ack=True), (policy.Act.FORGOTTEN,)),
     ("4.3", None, CR, {}, policy.Options(auto_ack=True), (policy.Act.FORGOTTEN,)),  # no tag to hand back
 ]  # fmt: skip
+
+
+def test_the_record_of_a_failure_says_where_it_goes_and_keeps_the_tasks_own_headers():
+    now = 1_800_000_000.0
+    own = {"x-tenant": "a", "x-retries": 0}
+    retry = policy.failure_record(
+        policy.Decision(policy.Act.RETRY, 1, 10.0), own, "q", max_retries=3, why="boom", now=now
+    )
+    assert retry.queue == "q.retry.10s" and retry.what.startswith("retry 1 of 3 in 10s (at ")
+    assert retry.headers == {"x-tenant": "a", "x-retries": 1, "x-due-at": 1_800_000_010_000}
+    at_once = policy.failure_record(policy.Decision(policy.Act.RETRY, 2, 0.0, crashes=1), own, "q", max_retries=3,
+                                    why="boom", now=now)  # fmt: skip
+    assert (at_once.queue, at_once.what, at_once.headers["x-crashes"]) == ("q", "retry 2 of 3 now", 1)
+    dead = policy.failure_record(
+        policy.Decision(policy.Act.DEAD_LETTER, 3, unfinished=2), own, "q", max_retries=3, why="x" * 300, now=now
+    )
+    assert (dead.queue, dead.what) == ("q.dlq", "moved to q.dlq")
+    assert dead.headers["x-error"] == "x" * 200 and dead.headers["x-original-queue"] == "q"
+    assert dead.headers["x-failed-at"] == "2027-01-15T08:00:00+00:00"
+    assert (dead.headers["x-retries"], dead.headers["x-unfinished-runs"], dead.headers["x-tenant"]) == (3, 2, "a")
+    assert own == {"x-tenant": "a", "x-retries": 0}  # the task's own headers are not changed
 
 
 @pytest.mark.parametrize(

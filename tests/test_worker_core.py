@@ -220,7 +220,7 @@ def test_a_stop_that_lands_as_the_only_task_ends_finishes_nothing_more(env, queu
     worker = start_worker(start, queue, "--task", "stops:run", cwd=tmp_path)
     publish(env, queue, "last")
     assert worker.wait(timeout=30) == 0
-    assert done_tasks(worker) == ["last"]
+    assert done_tasks(worker) == ["last"], worker.output
     assert "Finishing" not in worker.output, worker.output
     wait_for_counts(broker, queue, 0, 0)
 
