@@ -364,13 +364,13 @@ def rabbitmq_version(node: BrokerNode) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def wait_until(condition, timeout: float, what: str, every: float = 0.05) -> None:
-    """Poll `condition` every `every` seconds until it holds; fail after `timeout` seconds. A condition
-    that reads a long output (60,000 lines) wants a longer `every`: it would take a core of its own."""
+def wait_until(condition, timeout: float, what: str, every: float = 0.05, details=lambda: "") -> None:
+    """Poll `condition` every `every` seconds until it holds; fail after `timeout` seconds, with `details()`.
+    A condition that reads a long output (60,000 lines) wants a longer `every`: it would take a core of its own."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; {details()}")
         time.sleep(every)
 
 
