@@ -273,7 +273,8 @@ def failure_record(decision: Decision, headers: dict, queue: str, *, max_retries
     headers["x-failed-at"] = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds")
     if decision.unfinished:  # runs that ended with no result, this time not run (dead_letters.py counts them)
         headers["x-unfinished-runs"] = decision.unfinished
-    return Record(dead_letter_queue(queue), headers, f"moved to {dead_letter_queue(queue)}")
+    target = dead_letter_queue(queue)
+    return Record(target, headers, f"moved to {target}")
 
 
 class AfterFailure(NamedTuple):

@@ -365,10 +365,9 @@ class ChildProcess:
     def start(self) -> str | None:
         """Start a child and wait until it has loaded the task (a time limit counts the task's time,
         not the start-up's). None once it is ready, else why it could not start (it is reaped)."""
-        self.pipe, child_end = processes().Pipe()
-        self.process = processes().Process(
-            target=child_main, args=(child_end, self.make_task), name="task", daemon=True
-        )
+        context = processes()
+        self.pipe, child_end = context.Pipe()
+        self.process = context.Process(target=child_main, args=(child_end, self.make_task), name="task", daemon=True)
         try:
             with self.spawning.lock:  # the spawn alone: kill_children() waits for it, never for a start-up
                 if self.spawning.closing.is_set():

@@ -119,7 +119,8 @@ class Consumer:
         self.channel = connection.channel()
         # The work queue, its dead-letter queue, and the wait queues where a failed task waits until the
         # broker moves it back: durable, as in the tutorial.
-        queues = (self.args.queue, workqueue.dead_letter_queue(self.args.queue), *self.wait_queues())
+        self.wait_queues = wait_queues(self.args)  # {name: delay}
+        queues = (self.args.queue, workqueue.dead_letter_queue(self.args.queue), *self.wait_queues)
         for name in queues:
             self.declare(connection, name)
         self.channel.basic_qos(prefetch_count=self.args.prefetch)  # at most N unacked tasks at this worker
@@ -323,8 +324,7 @@ class Consumer:
                     self.on_message(self.channel, method, properties, body)
         if self.worker.shutdown.asked:
             self.give_back_waiting()
-        for delivery in list(self.held):
-            self.settle(delivery, self.decide(delivery, Outcome.FAILED, unrecorded=True), None)
+        self.give_back_held()
 
     def give_back_waiting(self, **facts) -> None:
         """Every task held here that no thread has started: policy decides (hand back; drop if the channel died)."""
@@ -336,12 +336,17 @@ class Consumer:
                 self.worker.started -= 1
                 self.settle(delivery, self.decide(delivery, Outcome.NOT_STARTED, **facts), None)
 
+    def give_back_held(self, **facts) -> None:
+        """Every failure held while its record was refused: policy decides (reject as we leave; drop if the
+        channel died)."""
+        for delivery in list(self.held):
+            self.settle(delivery, self.decide(delivery, Outcome.FAILED, unrecorded=True, **facts), None)
+
     def channel_gone(self) -> None:
         """The channel (or its connection) died: the broker has every task it held back. Nothing is sent."""
         self.consuming = False
         self.give_back_waiting(channel_open=False)
-        for delivery in list(self.held):
-            self.settle(delivery, self.decide(delivery, Outcome.FAILED, unrecorded=True, channel_open=False), None)
+        self.give_back_held(channel_open=False)
 
     def on_cancelled_by_broker(self, _method_frame) -> None:
         """basic.cancel from the broker: its queue was deleted, its node went down, or (4.3) a consumer timeout
@@ -428,20 +433,15 @@ class Consumer:
 
     # Our queues: the work queue, its dead-letter queue, and the wait queues of the retries.
 
-    def wait_queues(self) -> dict[str, float]:
-        """The wait queue of each delay that --max-retries can reach: {name: delay}."""
-        delays = policy.wait_delays(self.args.retry_delays, self.args.max_retries)
-        return {workqueue.wait_queue(self.args.queue, delay): delay for delay in delays}
-
     def declare(self, connection: pika.BlockingConnection, name: str) -> None:
         """Declare one of our queues (the work queue, a wait queue, the dead-letter queue) by its name."""
         if name == workqueue.dead_letter_queue(self.args.queue):
             workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)
             return
-        delays = self.wait_queues()
         with workqueue.short_channel(connection) as channel:
-            if name in delays:
-                arguments = workqueue.wait_queue_arguments(self.args.queue, self.args.queue_type, delays[name])
+            if name in self.wait_queues:
+                delay = self.wait_queues[name]
+                arguments = workqueue.wait_queue_arguments(self.args.queue, self.args.queue_type, delay)
             else:
                 arguments = workqueue.queue_arguments(self.args.queue_type)
             channel.queue_declare(queue=name, durable=True, arguments=arguments)
@@ -710,6 +710,12 @@ class Shutdown:
 
 
 # --- Helpers ----------------------------------------------------------------------------------
+
+
+def wait_queues(args: argparse.Namespace) -> dict[str, float]:
+    """The wait queue of each delay that --max-retries can reach: {name: delay}."""
+    delays = policy.wait_delays(args.retry_delays, args.max_retries)
+    return {workqueue.wait_queue(args.queue, delay): delay for delay in delays}
 
 
 def consumer_timeout_hint(args: argparse.Namespace) -> str:

@@ -135,9 +135,10 @@ class Lab:
         while self.done() < expected:
             if time.monotonic() > deadline:
                 said = self.worker_log.read_text(errors="replace").strip().splitlines()[-15:]
+                progress = f"{self.done()} of {expected} tasks done in {timeout:.0f}s"
                 raise Stalled(
-                    f"{system.name}: {self.done()} of {expected} tasks done in {timeout:.0f}s; "
-                    f"its worker's last lines:\n" + "\n".join(said or ["(none)"])
+                    f"{system.name}: {progress}; its worker's last lines:\n" + "\n".join(said or ["(none)"]),
+                    progress,
                 )
             time.sleep(0.005)
         return time.perf_counter()
@@ -153,7 +154,11 @@ class Lab:
 
 
 class Stalled(RuntimeError):
-    """A worker that did not finish its tasks in time: the first line says how far it got."""
+    """A worker that did not finish its tasks in time; `progress` says how far it got."""
+
+    def __init__(self, message: str, progress: str):
+        super().__init__(message)
+        self.progress = progress
 
 
 def drain_rate(lab: Lab, system: System, count: int, dots: int = 0, timeout: float = 600) -> float:
@@ -246,7 +251,7 @@ def rows(url: str, quick: bool, ideal_makespan) -> list[str]:
                     if system.name.startswith("ours"):  # a stall of ours is a bug to see, not a row
                         raise
                     print(f"  {error}", file=sys.stderr)
-                    stalled[system.name] = str(error).splitlines()[0].split(": ", 1)[1]
+                    stalled[system.name] = error.progress
                     lab.delete(system)
             reference = rates[systems[0].name]
             for system in systems:
