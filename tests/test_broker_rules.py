@@ -124,13 +124,14 @@ def test_headers_the_broker_set_are_not_copied_onto_retries_dead_letters_or_repl
     assert body == b"error" and copied(headers) == [], headers
 
 
-def test_a_warm_shutdown_hands_each_held_task_back_once(env, queue, start, broker):
-    worker = start_worker(start, queue, "--prefetch", "2", "--dot-seconds", "1")
-    publish(env, queue, "long" + "." * 10, "held")  # 10 s: long enough to signal while it runs, under load too
+def test_a_warm_shutdown_hands_each_held_task_back_once(env, queue, start, broker, gate):
+    worker = start_worker(start, queue, "--prefetch", "2", *gate.task, cwd=gate.folder)
+    publish(env, queue, "long", "held")  # 'long' runs until the gate opens (a 10 s task once ended first, under load)
     worker.wait_for(r"Received 'long")
     wait_for_counts(broker, queue, 0, 2)  # 'held' is at the worker, waiting for its thread
     worker.signal(signal.SIGTERM)
     worker.wait_for(r"Handed back 'held' untouched")
+    gate.open()
     assert worker.wait() == 0
     wait_for_counts(broker, queue, 1, 0)
     ((body, headers),) = get_all(broker, queue)

@@ -98,7 +98,9 @@ def test_max_tasks_counts_tasks_started_not_deliveries_dropped_with_a_cut_connec
 
     assert worker.wait(timeout=60) == 0, worker.output
     assert worker.count(r"Received '") == 3, worker.output
-    assert done_tasks(worker) == ["t1..", "t2."], worker.output
+    # Which two: t1 and t2 when the broker has the cut connection's tasks back before the worker consumes
+    # again; t4 and t5 when it notices the cut later (a loaded run). Either way two done, three left.
+    assert len(done_tasks(worker)) == 2, worker.output
     wait_for_counts(broker, queue, 3, 0)
 
 
