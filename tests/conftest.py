@@ -170,7 +170,13 @@ def run_script(script: str, *args: str, env: dict, timeout: float = 60, stdin: s
     ) as process:
         try:
             stdout, stderr = process.communicate(stdin, timeout=timeout)
-        except BaseException:  # its own timeout, or pytest-timeout's
+        except subprocess.TimeoutExpired:  # say what it was doing: its output so far
+            kill_group(process, grace=10)
+            stdout, stderr = process.communicate()
+            raise AssertionError(
+                f"{script} overran {timeout:g}s; its last output:\n{stdout[-3000:]}\n{stderr[-2000:]}"
+            ) from None
+        except BaseException:  # pytest-timeout's, or a stop
             kill_group(process, grace=10)
             raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
