@@ -4,7 +4,7 @@
 worker.py moves a task to <queue>.dlq after its last retry, with headers that say
 why (x-error), how often it was tried (x-retries), where it came from
 (x-original-queue) and when it died (x-failed-at). Once the cause is fixed,
-replay puts the tasks back on their queue with a fresh count of retries.
+replay puts the tasks back on their queue with a fresh count of retries, and their ids (message_id).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pika
 
-import policy
 import workqueue
+from workqueue import policy
 
 EXAMPLES = """\
 examples:
@@ -110,7 +110,8 @@ def list_dead(channel, queue: str, count: int, waiting: int) -> None:
         origin = headers.get("x-original-queue", "?")
         died = headers.get("x-failed-at", "at an unknown time")
         error = headers.get("x-error", "no x-error header")
-        print(f"{number:>4}  '{workqueue.printable(body, limit=50)}'")
+        task_id = f"  id {workqueue.printable(properties.message_id, limit=64)}" if properties.message_id else ""
+        print(f"{number:>4}  '{workqueue.printable(body, limit=50)}'{task_id}")
         print(f"      {workqueue.printable(str(error), limit=200)}")
         print(f"      {attempts}, from '{workqueue.printable(str(origin))}', died {workqueue.printable(str(died))}")
     if last_tag is not None:

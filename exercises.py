@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 import pika
 
 import local_broker
-import policy
 import workqueue
+from workqueue import policy
 
 HERE = Path(__file__).resolve().parent
 

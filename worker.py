@@ -42,11 +42,20 @@ from collections.abc import Callable
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-import policy
 import workqueue
-from metrics import Metrics, NoMetrics
-from policy import Act, Outcome
-from taskpool import CannotRunTasks, Console, Delivery, Result, TaskPool, TaskState, load_task, message_identity
+from workqueue import policy
+from workqueue.metrics import Metrics, NoMetrics
+from workqueue.policy import Act, Outcome
+from workqueue.taskpool import (
+    CannotRunTasks,
+    Console,
+    Delivery,
+    Result,
+    TaskPool,
+    TaskState,
+    load_task,
+    message_identity,
+)
 
 LOGGER = logging.getLogger("worker")
 
@@ -245,7 +254,7 @@ class Consumer:
                          "with its connection: the broker redelivers it too", thread)  # fmt: skip
                 raise
             metrics.settled("retried" if act is Act.RETRY else "dead_lettered")
-            self.say(f"[!] Failed '{label}': {why}; {record.what}", thread)
+            self.say(f"[!] Failed '{label}': {why}; {record.what} [id {delivery.short_id}]", thread)
         elif act is Act.ACK:  # done: this is where a finished task is acked
             try:
                 self.channel.basic_ack(delivery_tag=delivery.delivery_tag)
@@ -281,7 +290,7 @@ class Consumer:
                 exchange="",
                 routing_key=record.queue,
                 body=delivery.body,
-                properties=republished(delivery.properties, record.headers),
+                properties=republished(delivery.properties, record.headers, delivery.task_id),
                 mandatory=True,
             )
         except pika.exceptions.UnroutableError:
@@ -750,13 +759,15 @@ def lost_acks(running: int) -> str:
     return f" ({running} tasks still running: their acks are lost, so the broker will redeliver them if it kept them)"
 
 
-def republished(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
-    """The task's own properties (message_id, correlation_id, content_type...) with new headers.
+def republished(properties: pika.BasicProperties, headers: dict, task_id: str) -> pika.BasicProperties:
+    """The task's own properties (message_id, correlation_id, content_type...) with new headers; a task that
+    came without an id gets `task_id`, so that its retries and its dead letter can be told apart.
 
     Not its expiration: that was for the wait before its first delivery, and in a wait queue or the
     dead-letter queue it would make the broker drop the task (as RabbitMQ's own dead-lettering does)."""
     properties = copy.copy(properties)
     properties.headers = headers
+    properties.message_id = task_id
     properties.expiration = None
     properties.delivery_mode = properties.delivery_mode or pika.DeliveryMode.Persistent
     if properties.user_id is not None:

@@ -350,17 +350,22 @@ def wait_for_counts(broker: BrokerNode, queue: str, ready: int, unacked: int, ti
         time.sleep(0.3)
 
 
-def get_all(broker: BrokerNode, queue: str) -> list[tuple[bytes, dict]]:
-    """Take every message off a queue (acking them): (body, headers) pairs."""
+def take_all(url: str, queue: str) -> list[tuple[bytes, pika.BasicProperties]]:
+    """Take every message off a queue (acking them): (body, properties) pairs, in queue order."""
     taken = []
-    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
         channel = connection.channel()
         while True:
             method, properties, body = channel.basic_get(queue)
             if method is None:
                 return taken
             channel.basic_ack(method.delivery_tag)
-            taken.append((body, properties.headers or {}))
+            taken.append((body, properties))
+
+
+def get_all(broker: BrokerNode, queue: str) -> list[tuple[bytes, dict]]:
+    """Take every message off a queue (acking them): (body, headers) pairs."""
+    return [(body, properties.headers or {}) for body, properties in take_all(broker.url, queue)]
 
 
 def rabbitmq_version(node: BrokerNode) -> tuple[int, int]:

@@ -140,9 +140,9 @@ RENEWS_EVERY_SECOND = """
 import sys
 
 sys.path.insert(0, {root!r})
-import new_task, workqueue
+import new_task, workqueue, workqueue.producer
 
-new_task.RENEW_DELAY_QUEUE = 1.0  # instead of every 10 minutes
+workqueue.producer.RENEW_DELAY_QUEUE = 1.0  # instead of every 10 minutes
 sys.argv[0] = "new_task.py"
 workqueue.run(new_task.main)
 """
@@ -151,7 +151,8 @@ workqueue.run(new_task.main)
 def test_a_delay_queue_changed_under_a_long_publish_is_a_queue_mismatch_not_a_refused_message(
     env, queue, start, broker, tmp_path
 ):
-    """new_task.py declares its delay queue again while it publishes (its x-expires lease). If another
+    """new_task.py declares its delay queue again before a publish once RENEW_DELAY_QUEUE has passed (its
+    x-expires lease). If another
     version declared it with other arguments meanwhile, that declaration's 406 says so (exit 5), as the
     first one would; it is not a message the broker refused (exit 6)."""
     from conftest import ROOT  # noqa: PLC0415
@@ -166,6 +167,9 @@ def test_a_delay_queue_changed_under_a_long_publish_is_a_queue_mismatch_not_a_re
         channel = connection.channel()
         channel.queue_delete(f"{queue}.delay.30s")
         channel.queue_declare(f"{queue}.delay.30s", durable=True, arguments={"x-message-ttl": 1000})
+    time.sleep(1.5)  # (past the renewal period: the next line's publish declares the delay queue again)
+    producer.proc.stdin.write("second\n")
+    producer.proc.stdin.flush()
     assert producer.wait(timeout=30) == 5, producer.output
     assert f"queue '{queue}.delay.30s' already exists with other arguments" in producer.output
     assert "max_message_size" not in producer.output and "Traceback" not in producer.output

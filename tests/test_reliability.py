@@ -27,7 +27,7 @@ from conftest import (
     wait_until,
 )
 
-import new_task
+import workqueue.producer
 from local_broker import TcpProxy
 
 
@@ -204,7 +204,7 @@ def test_producer_waits_while_the_broker_blocks_publishing(queue, start, broker)
         producer = start("new_task.py", "--queue", queue, "Held back.")
         producer.wait_for(r"the broker blocked publishing \(low on memory\); waiting until it unblocks")
         with pytest.raises(subprocess.TimeoutExpired):  # still waiting, quietly, past the confirm timeout
-            producer.proc.wait(timeout=new_task.CONFIRM_TIMEOUT + 3)
+            producer.proc.wait(timeout=workqueue.producer.CONFIRM_TIMEOUT + 3)
         assert producer.count(r"\S") == 1, producer.output
     finally:
         broker.rabbitmqctl("set_vm_memory_high_watermark", "0.4")  # the default

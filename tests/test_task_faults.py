@@ -21,6 +21,8 @@ from conftest import (
     wait_until,
 )
 
+from workqueue import Producer
+
 pytestmark = pytest.mark.queue_semantics
 
 SOCKET_TASK = """
@@ -213,7 +215,7 @@ def test_list_shows_every_dead_task_and_takes_none(env, queue, start, broker):
     listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)
     assert listed.returncode == 0, listed.stderr
     out = listed.stdout
-    assert re.search(r"^   1  'an error 1'$", out, re.M)
+    assert re.search(r"^   1  'an error 1'  id [0-9a-f-]{36}$", out, re.M)  # new_task.py gave it its id
     assert "'an error \\x1b[2J 2'" in out and "\x1b" not in out
     assert out.count("TaskFailed: the task says 'error'") == 3
     assert re.search(rf"1 failed run, from '{queue}', died \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", out)
@@ -243,6 +245,31 @@ def test_replay_puts_dead_tasks_back_with_a_fresh_count(env, queue, start, broke
     worker = start_worker(start, queue, "--task", "fixed:run", "--max-tasks", "1", cwd=tmp_path)
     assert worker.wait(timeout=30) == 0
     assert done_tasks(worker) == ["an error 3"]
+
+
+def test_a_tasks_id_follows_it_through_retries_the_dead_letter_queue_and_a_replay(env, queue, start, broker):
+    """The id Producer.send() returns is in the worker's lines, on the retry and the dead letter, in
+    `dead_letters.py list`, and on the task a replay puts back. A task that came without one (the
+    tutorial's new_task.py sets none) gets one at its first failure, and keeps it."""
+    with Producer(broker.url, queue) as producer:
+        task_id = producer.send("an error")
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        connection.channel().basic_publish("", queue, b"an error, no id", pika.BasicProperties(delivery_mode=2))
+    worker = start_worker(start, queue, "--max-retries", "1", "--retry-delays", "0", "--max-tasks", "4")
+    assert worker.wait(timeout=30) == 0, worker.output
+    short = re.escape(task_id[:8])
+    assert worker.count(rf"Failed 'an error': .*; retry 1 of 1 now \[id {short}\]") == 1, worker.output
+    assert worker.count(rf"Failed 'an error': .*; moved to {re.escape(queue)}\.dlq \[id {short}\]") == 1
+    made = re.findall(r"Failed 'an error, no id': .*\[id ([0-9a-f]{8})\]", worker.output)
+    assert len(made) == 2 and made[0] == made[1], worker.output  # one id, kept from the first failure on
+
+    listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)
+    assert f"'an error'  id {task_id}" in listed.stdout, listed.stdout
+    assert re.search(rf"'an error, no id'  id {made[0]}[0-9a-f-]{{28}}$", listed.stdout, re.M), listed.stdout
+    assert run_script("dead_letters.py", "replay", "--queue", queue, env=env).returncode == 0
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        _method, properties, body = connection.channel().basic_get(queue, auto_ack=True)
+    assert body == b"an error" and properties.message_id == task_id
 
 
 def test_replay_interrupted_loses_nothing(env, queue, start, broker):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import io
 import os
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pika
@@ -19,12 +20,12 @@ import pytest
 
 import bench
 import new_task
-import policy
-import taskpool
 import workqueue
-from new_task import END, NACK_RETRIES, LineReader, Outbox, queued
-from policy import Returns, retries_of, returns_of
+from new_task import LineReader
 from worker import TaskFailed, dot_task
+from workqueue import policy, taskpool
+from workqueue.policy import Returns, retries_of, returns_of
+from workqueue.producer import END, NACK_RETRIES, Outbox, message, queued
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,6 +154,43 @@ def find_python(version: str) -> str | None:
     return None
 
 
+@pytest.mark.parametrize("source", ["directory", "git URL"])
+def test_pip_install_gives_the_library_and_the_scripts_as_commands(source, tmp_path):
+    """`pip install .` (or from a git URL) in a fresh virtual environment, used outside the repository:
+    `from workqueue import Producer, AsyncProducer`, and the four scripts as commands. pika comes from this
+    environment (PYTHONPATH); pip fetches setuptools to build it, as it would for a user."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    if source == "git URL":  # what is committed: a clone of this checkout's HEAD
+        if not (ROOT / ".git").exists():
+            pytest.fail("not a git checkout: the git URL form cannot be tried")
+        target = f"git+file://{ROOT}"
+    else:  # a copy: pip builds a directory in place (build/, *.egg-info), which would litter this checkout
+        target = str(tmp_path / "src")
+        litter = shutil.ignore_patterns(".venv", ".git", ".test-logs", "build", "*.egg-info", "__pycache__")
+        shutil.copytree(ROOT, target, ignore=litter)
+    installed = subprocess.run(
+        [venv / "bin/python", "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", target],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    pika_dir = str(Path(pika.__file__).parent.parent)
+    outside = {**os.environ, "PYTHONPATH": pika_dir}
+    code = "import workqueue\nfrom workqueue import AsyncProducer, Producer\nprint(workqueue.__file__)"
+    library = subprocess.run(
+        [venv / "bin/python", "-c", code],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path, env=outside,
+    )  # fmt: skip
+    assert library.returncode == 0, library.stderr
+    assert library.stdout.startswith(str(venv)), library.stdout  # the installed copy, not this checkout
+    for command in ("new_task.py", "worker.py", "delete_queue.py", "dead_letters.py"):
+        shown = subprocess.run(
+            [venv / "bin" / command, "--help"], capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+            env=outside,
+        )  # fmt: skip
+        assert shown.returncode == 0 and "usage:" in shown.stdout, (command, shown.stderr)
+
+
 @pytest.mark.parametrize("version", ["3.9", "3.10", "3.11", "3.12", "3.13"])
 def test_the_scripts_import_on_every_python_that_pyproject_claims(version):
     """requires-python says 3.9 and later: import every script on each of those Pythons found here."""
@@ -161,7 +199,7 @@ def test_the_scripts_import_on_every_python_that_pyproject_claims(version):
         pytest.skip(f"python{version} is not installed here")
     pika_dir = str(Path(pika.__file__).parent.parent)  # pika is pure Python: one copy serves every version
     result = subprocess.run(
-        [python, "-c", "import workqueue, policy, worker, new_task, delete_queue, local_broker, exercises"],
+        [python, "-c", "import workqueue, workqueue.policy, worker, new_task, delete_queue, local_broker, exercises"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{pika_dir}"},
         capture_output=True,
@@ -173,58 +211,122 @@ def test_the_scripts_import_on_every_python_that_pyproject_claims(version):
     assert re.search(r'requires-python = ">=3\.9"', (ROOT / "pyproject.toml").read_text())
 
 
-# --- new_task.py's Outbox: window, confirms, nacks and resends, without a broker --------------
+# --- The publisher's Outbox (new_task.py, Producer): window, confirms, nacks and resends, without a broker ----
+
+
+def take(outbox: Outbox) -> bytes | None:
+    """Publish the next message if the window lets us: its body, or None."""
+    if outbox.peek() is None:
+        return None
+    return outbox.take().body
 
 
 def test_outbox_keeps_at_most_a_window_unconfirmed_and_frees_a_slot_per_confirm():
     outbox = Outbox(queued([b"a", b"b", b"c"]), window=2)
-    assert [outbox.take(), outbox.take(), outbox.take()] == [b"a", b"b", None]  # window full
+    assert [take(outbox), take(outbox), take(outbox)] == [b"a", b"b", None]  # window full
     outbox.settle(1, multiple=False, ack=True)
-    assert outbox.take() == b"c"
-    assert outbox.take() is None and not outbox.finished  # b and c still wait for their confirms
+    assert take(outbox) == b"c"
+    assert take(outbox) is None and not outbox.finished  # b and c still wait for their confirms
     outbox.settle(3, multiple=True, ack=True)
-    assert outbox.take() is None  # the source is found empty only when asked
+    assert take(outbox) is None  # the source is found empty only when asked
     assert outbox.finished and outbox.confirmed == 3 and outbox.published == 3
 
 
 def test_outbox_sends_the_unconfirmed_again_first_after_a_drop_with_tags_from_1():
     outbox = Outbox(queued([b"a", b"b"], [b"c", b"d"]), window=10)
-    taken = [outbox.take() for _ in range(3)]
+    taken = [take(outbox) for _ in range(3)]
     outbox.settle(1, multiple=False, ack=True)
     assert outbox.connection_lost() == 2
-    assert [outbox.take(), outbox.take(), outbox.take()] == [b"b", b"c", b"d"]  # in order, resends first
+    assert [take(outbox), take(outbox), take(outbox)] == [b"b", b"c", b"d"]  # in order, resends first
     assert list(outbox.unconfirmed) == [1, 2, 3]  # the new channel's tags
     assert outbox.resent == 2 and taken == [b"a", b"b", b"c"]
 
 
-def test_outbox_resends_a_nacked_message_until_it_gives_up():
-    outbox = Outbox(queued([b"x"]), window=10)
+def test_outbox_resends_a_nacked_message_until_it_gives_up_and_its_sender_hears_why():
+    future = concurrent.futures.Future()
+    outbox = Outbox(queued([message(b"x", future=future)]), window=10)
     for attempt in range(NACK_RETRIES):
-        assert outbox.take() == b"x"
+        assert take(outbox) == b"x"
         assert outbox.settle(outbox.last_tag, multiple=False, ack=False) == 1, attempt
-    assert outbox.take() == b"x"
+    assert take(outbox) == b"x"
     assert outbox.settle(outbox.last_tag, multiple=False, ack=False) == 0  # refused every time: failed
-    assert outbox.take() is None
+    assert take(outbox) is None
     assert outbox.finished and outbox.nacked == 1 and outbox.confirmed == 0
+    with pytest.raises(workqueue.NotConfirmed, match="refused it"):
+        future.result(0)
 
 
 def test_outbox_waits_for_lines_not_read_yet_and_ends_only_at_end():
     lines = queue.Queue()
     outbox = Outbox(lines, window=10)
-    assert outbox.take() is None and not outbox.finished  # nothing read yet
+    assert take(outbox) is None and not outbox.finished  # nothing read yet
     lines.put([b"a"])
-    assert outbox.take() == b"a"
+    assert take(outbox) == b"a"
     outbox.settle(1, multiple=False, ack=True)
-    assert outbox.take() is None and not outbox.finished  # all confirmed, but the input goes on
+    assert take(outbox) is None and not outbox.finished  # all confirmed, but the input goes on
     lines.put(END)
-    assert outbox.take() is None and outbox.finished
+    assert take(outbox) is None and outbox.finished
 
 
 def test_outbox_ignores_a_confirm_for_an_unknown_tag():
     outbox = Outbox(queued([b"a"]), window=10)
-    outbox.take()
+    take(outbox)
     outbox.settle(99, multiple=False, ack=True)
     assert outbox.confirmed == 0 and list(outbox.unconfirmed) == [1]
+
+
+def test_every_task_gets_an_id_of_its_own_and_its_sender_gets_it_at_the_confirm():
+    futures = [concurrent.futures.Future() for _ in range(3)]
+    outbox = Outbox(queued([message(b"same", future=future) for future in futures]), window=10)
+    ids = [outbox.peek() and outbox.take().task_id for _ in futures]
+    assert len(set(ids)) == 3 and all(len(task_id) == 36 for task_id in ids)  # UUIDs
+    assert not any(future.done() for future in futures)  # not before the broker confirms
+    outbox.settle(3, multiple=True, ack=True)
+    assert [future.result(0) for future in futures] == ids
+
+
+def test_a_task_whose_sender_gave_up_before_it_was_published_is_never_published():
+    gave_up, waits = concurrent.futures.Future(), concurrent.futures.Future()
+    outbox = Outbox(queued([message(b"late", future=gave_up), message(b"on time", future=waits)]), window=10)
+    assert gave_up.cancel()
+    assert take(outbox) == b"on time" and take(outbox) is None
+    assert outbox.withdrawn == 1 and not waits.cancel()  # published: too late to withdraw
+
+
+def test_an_unroutable_task_fails_at_its_ack():
+    future = concurrent.futures.Future()
+    outbox = Outbox(queued([message(b"x", future=future)]), window=10)
+    outbox.peek()
+    outbox.mark_returned(outbox.take().task_id)
+    outbox.settle(1, multiple=False, ack=True)
+    assert outbox.returned == 1 and outbox.confirmed == 0
+    with pytest.raises(workqueue.NotConfirmed, match="unroutable"):
+        future.result(0)
+
+
+def test_a_fatal_error_fails_every_task_waiting_at_once():
+    futures = [concurrent.futures.Future() for _ in range(3)]
+    source = queue.Queue()
+    source.put([message(b"x", future=future) for future in futures])
+    outbox = Outbox(source, window=1)
+    take(outbox)  # one in flight, two waiting
+    assert outbox.fail_waiting(workqueue.LoginRefused("login refused")) == 3
+    for future in futures:
+        with pytest.raises(workqueue.LoginRefused):
+            future.result(0)
+
+
+def test_a_delay_and_a_priority_are_checked_before_anything_is_sent():
+    from workqueue.producer import delay_seconds, priority_level  # noqa: PLC0415
+
+    assert delay_seconds(None) == 0 and delay_seconds(1.2) == 2 and delay_seconds(timedelta(minutes=1)) == 60
+    for bad in (-1, float("nan"), float("inf"), "10", True, workqueue.MAX_DELAY + 1):
+        with pytest.raises(ValueError, match="delay"):
+            delay_seconds(bad)
+    assert priority_level("high") == 9 and priority_level("normal") is None and priority_level(7) == 7
+    for bad in ("urgent", 256, -1, 1.5):
+        with pytest.raises(ValueError, match="priority"):
+            priority_level(bad)
 
 
 def test_printable_escapes_control_characters_and_cuts():
@@ -526,7 +628,7 @@ def test_what_becomes_of_a_delivery(release, headers, outcome, state, options, e
 
 
 def test_the_one_private_pika_call_is_still_there():
-    """new_task.abandon() drops a connection whose close is never answered with pika's private
+    """workqueue.producer.abandon() drops a connection whose close is never answered with pika's private
     _terminate_stream (pika 1.4 has no public call): a pika release without it fails here, loudly."""
     terminate = getattr(pika.SelectConnection, "_terminate_stream", None)
     assert callable(terminate), pika.__version__
@@ -534,9 +636,9 @@ def test_the_one_private_pika_call_is_still_there():
 
 
 def test_a_task_module_named_like_one_of_the_workers_own_is_refused_with_why():
-    """import_module would return the worker's own policy.py, not the user's policy.py: say so."""
-    with pytest.raises(workqueue.UsageError, match="policy is a module of this worker"):
-        taskpool.load_task("policy:decide")
+    """import_module would return the worker's own workqueue package, not the user's workqueue.py: say so."""
+    with pytest.raises(workqueue.UsageError, match="workqueue is a module of this worker"):
+        taskpool.load_task("workqueue:connect")
 
 
 @pytest.fixture
@@ -580,7 +682,7 @@ def test_a_delay_queue_is_a_wait_queue_that_goes_away_an_hour_after_its_last_use
     assert arguments["x-queue-type"] == "classic"  # a quorum queue's x-expires is not renewed by a declaration
     assert arguments["x-expires"] == (600 + 3600) * 1000
     assert workqueue.delay_queue("task_queue", 600) == "task_queue.delay.600s"
-    assert new_task.RENEW_DELAY_QUEUE < workqueue.DELAY_QUEUE_LINGER  # renewed long before it could expire
+    assert workqueue.producer.RENEW_DELAY_QUEUE < workqueue.DELAY_QUEUE_LINGER  # renewed long before it could expire
 
 
 def test_the_due_time_and_the_wait_since_come_from_headers_and_the_timestamp():

@@ -1,5 +1,7 @@
-"""Plumbing shared by new_task.py, worker.py and delete_queue.py.
+"""The work queue as a library: Producer and AsyncProducer send tasks from an application
+(workqueue/producer.py); policy, taskpool and metrics are the worker's parts.
 
+This module is the plumbing shared by the scripts (new_task.py, worker.py, delete_queue.py, ...).
 The scripts show how a work queue works; this module keeps them robust:
 settings and broker URLs, connecting with retries, the one queue declaration
 every script uses, turning pika's exceptions into a few named errors with
@@ -610,3 +612,20 @@ def run(main: Callable[[], int]) -> None:
         )
         code = EXIT_UNEXPECTED
     sys.exit(code)
+
+
+# --- For applications: send tasks (workqueue/producer.py) ----------------------------------
+
+from workqueue.producer import AsyncProducer, Producer  # noqa: E402 (it builds on everything above)
+
+__all__ = [  # the library's API; the rest of this module is the scripts' plumbing
+    "AccessRefused",
+    "AsyncProducer",
+    "BrokerUnreachable",
+    "LoginRefused",
+    "NotConfirmed",
+    "Producer",
+    "QueueMismatch",
+    "UsageError",
+    "WorkQueueError",
+]

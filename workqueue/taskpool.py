@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -25,10 +26,14 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
 import workqueue
-from policy import Outcome, Past, is_high_priority, queued_since
+from workqueue.policy import Outcome, Past, is_high_priority, queued_since
 
 CHILD_START_SECONDS = 60.0  # a child process (--isolation process) must be ready to take tasks by then
-HERE = os.path.dirname(os.path.abspath(__file__))  # where the worker's own modules are
+# Where the worker's own modules are: this package, and the scripts beside it (worker.py, new_task.py, ...).
+OWN_DIRECTORIES = (
+    os.path.dirname(os.path.abspath(__file__)),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+)
 
 
 def load_task(spec: str) -> Callable[[bytes], object]:
@@ -37,8 +42,11 @@ def load_task(spec: str) -> Callable[[bytes], object]:
     if not module_name or not function_name:
         raise workqueue.UsageError(f"--task wants MODULE:FUNCTION, not {spec!r}")
     already = sys.modules.get(module_name)
-    if already is not None and os.path.dirname(os.path.abspath(getattr(already, "__file__", None) or "/")) == HERE:
-        # import_module would hand back ours (policy, taskpool, metrics, ...), not the user's module of that name.
+    if (
+        already is not None
+        and os.path.dirname(os.path.abspath(getattr(already, "__file__", None) or "/")) in OWN_DIRECTORIES
+    ):
+        # import_module would hand back ours (workqueue, worker, ...), not the user's module of that name.
         raise workqueue.UsageError(
             f"--task {spec}: {module_name} is a module of this worker ({module_name}.py); give yours another name"
         )
@@ -85,6 +93,20 @@ class Delivery:
     @property
     def identity(self) -> str:
         return message_identity(self.properties, self.body)
+
+    @property
+    def task_id(self) -> str:
+        """Its id: the producer's message_id (workqueue.Producer and new_task.py set one), else one made for
+        this delivery (a task from another producer, the tutorial's say), which its retries and dead letter
+        then carry."""
+        if isinstance(self.properties.message_id, str) and self.properties.message_id:
+            return self.properties.message_id
+        return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{self.identity}/{self.received}/{self.delivery_tag}"))
+
+    @property
+    def short_id(self) -> str:
+        """The first 8 characters of its id, for the worker's lines (dead_letters.py list shows it whole)."""
+        return workqueue.printable(self.task_id[:8])
 
 
 def message_identity(properties: pika.BasicProperties, body: bytes) -> str:

@@ -1,0 +1,158 @@
+"""workqueue.Producer and AsyncProducer, the library API for applications, on a real broker: many threads
+through one Producer and asyncio while the broker restarts, delay and priority, and the errors a program
+gets when the broker cannot be reached or refuses the login."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+
+import pytest
+from conftest import rabbitmq_version, ready_count, take_all, wait_until
+
+import workqueue
+from local_broker import free_port
+from workqueue import AsyncProducer, Producer
+
+pytestmark = pytest.mark.queue_semantics  # ./run.sh test runs these on 4.0 too
+
+
+def assert_each_task_arrived_with_its_id(url: str, queue: str, sent: dict[bytes, str]) -> None:
+    """Every task sent is in the queue, with the id send() returned; a copy sent again after a connection
+    drop (its confirm lost) carries the same id, so that a worker can tell."""
+    taken = take_all(url, queue)
+    assert {body for body, _ in taken} == set(sent), "a task is missing, or one nobody sent is there"
+    for body, properties in taken:
+        assert properties.message_id == sent[body], body
+        assert properties.delivery_mode == 2  # persistent
+    copies = Counter(body for body, _ in taken)
+    assert sum(copies.values()) - len(copies) <= 100, "more copies than a drop can leave unconfirmed"
+
+
+def test_sixteen_threads_share_one_producer_through_a_broker_restart(queue, running_broker):
+    per_thread, threads = 20, 16
+    sent: dict[bytes, str] = {}  # body -> id; dict assignment is atomic
+    errors: list[BaseException] = []
+    confirmed = threading.Semaphore(0)
+    with Producer(running_broker.url, queue, timeout=90) as producer:
+
+        def sender(number: int) -> None:
+            try:
+                for i in range(per_thread):
+                    body = f"thread {number} task {i}".encode()
+                    sent[body] = producer.send(body)
+                    confirmed.release()
+                    time.sleep(0.02)  # a request handler's pace: the restart comes while they send
+            except BaseException as error:  # the test fails with it below
+                errors.append(error)
+
+        workers = [threading.Thread(target=sender, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for _ in range(3 * threads):  # some confirmed before the restart, most sent during and after it
+            assert confirmed.acquire(timeout=30), "no confirm within 30 s"
+        running_broker.restart()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert not any(worker.is_alive() for worker in workers), "a sender still waits"
+    assert not errors, errors
+    assert len(sent) == per_thread * threads and len(set(sent.values())) == len(sent)  # an id each, unique
+    assert_each_task_arrived_with_its_id(running_broker.url, queue, sent)
+
+
+def test_the_asyncio_producer_rides_out_a_broker_restart_without_blocking_the_loop(queue, running_broker):
+    async def main() -> tuple[dict[bytes, str], int]:
+        ticks = 0
+
+        async def ticker() -> None:  # counts while the loop is free
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        sent: dict[bytes, str] = {}
+        async with AsyncProducer(running_broker.url, queue, timeout=90) as producer:
+            clock = asyncio.create_task(ticker())
+            for i in range(20):
+                sent[f"before {i}".encode()] = await producer.send(f"before {i}")
+            restart = asyncio.get_running_loop().run_in_executor(None, running_broker.restart)
+            bodies = [f"during {i}".encode() for i in range(100)]
+            ticks_before = ticks
+            ids = await asyncio.gather(*(producer.send(body) for body in bodies))
+            sent.update(zip(bodies, ids))
+            await restart
+            ids = await producer.send_many([f"after {i}" for i in range(200)])
+            sent.update(zip((f"after {i}".encode() for i in range(200)), ids))
+            clock.cancel()
+        return sent, ticks - ticks_before
+
+    sent, ticks = asyncio.run(main())
+    assert len(sent) == 320 and len(set(sent.values())) == 320
+    # A broker restart takes seconds; an event loop blocked by the sends would not have ticked meanwhile.
+    assert ticks >= 20, ticks
+    assert_each_task_arrived_with_its_id(running_broker.url, queue, sent)
+
+
+def test_delay_and_priority_work_as_on_the_command_line(queue, broker):
+    with Producer(broker.url, queue, timeout=30) as producer:
+        task_id = producer.send(b"Remind me.", delay=3)
+        waiting = f"{queue}.delay.3s"
+        assert ready_count(broker.url, waiting) == 1 and ready_count(broker.url, queue) == 0
+        wait_until(lambda: ready_count(broker.url, queue) == 1, 30, "the delayed task to move to the queue")
+        [(body, properties)] = take_all(broker.url, queue)
+        assert body == b"Remind me." and properties.message_id == task_id
+        assert abs(properties.headers["x-due-at"] / 1000 - time.time()) < 10  # when it was due: just now
+
+        if rabbitmq_version(broker) < (4, 0):  # 3.10's quorum queues ignore priorities: refused, nothing sent
+            with pytest.raises(workqueue.UsageError, match="ignore priorities"):
+                producer.send("urgent", priority="high")
+            assert ready_count(broker.url, queue) == 0
+            return
+        producer.send_many([f"normal {n}" for n in range(4)])
+        urgent = producer.send("URGENT", priority="high")
+    taken = take_all(broker.url, queue)
+    assert taken[0][0] == b"URGENT" and taken[0][1].message_id == urgent and taken[0][1].priority == 9
+
+
+def test_a_classic_queue_refuses_a_priority_and_bad_arguments_raise_before_anything_is_sent(queue, broker):
+    with Producer(broker.url, queue, queue_type="classic", timeout=30) as producer:
+        with pytest.raises(ValueError, match="classic queue"):
+            producer.send("x", priority="high")
+        with pytest.raises(ValueError, match="delay"):
+            producer.send("x", delay=-1)
+    assert ready_count(broker.url, queue) == 0
+
+
+def test_a_wrong_password_raises_login_refused_at_once_and_never_shows_the_password(queue, broker):
+    url = broker.url.replace("guest:guest@", "guest:not-the-Secret@")
+    assert url != broker.url
+    started = time.monotonic()
+    with Producer(url, queue, timeout=10) as producer, pytest.raises(workqueue.LoginRefused) as refused:
+        producer.send("x")
+    assert time.monotonic() - started < 10
+    assert "login refused" in str(refused.value) and "not-the-Secret" not in str(refused.value)
+    assert isinstance(refused.value, workqueue.WorkQueueError)
+
+
+def test_an_unreachable_broker_raises_within_the_timeout_with_why(queue):
+    port = free_port()
+    started = time.monotonic()
+    with Producer(f"amqp://guest:Secret@127.0.0.1:{port}/", queue, timeout=2) as producer:
+        with pytest.raises(workqueue.BrokerUnreachable) as unreachable:
+            producer.send("x")
+        waited = time.monotonic() - started
+        assert 2 <= waited < 4, waited
+    text = str(unreachable.value)
+    assert f"cannot reach 127.0.0.1:{port}" in text and "not sent" in text and "Secret" not in text
+
+
+def test_a_long_bulk_send_keeps_the_order_and_gives_every_task_its_id(queue, broker):
+    count = 5000
+    with Producer(broker.url, queue, timeout=60) as producer:
+        ids = producer.send_many(f"task {n}" for n in range(count))
+    assert len(ids) == count and len(set(ids)) == count
+    taken = take_all(broker.url, queue)
+    assert [body for body, _ in taken] == [f"task {n}".encode() for n in range(count)]
+    assert [properties.message_id for _, properties in taken] == ids
