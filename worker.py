@@ -21,7 +21,8 @@ How it stays correct where the tutorial's worker is not:
 Where to look: the tutorial's shape is below: dot_task, then Consumer (one channel: declare, qos,
 basic_consume, and the callback in two halves, on_message and on_task_done; settle() is where every
 ack goes out), then Worker (the connection: reconnects, --max-tasks, shutdown). What becomes of each
-delivery is decided in policy.py; the threads and child processes that run the tasks are in taskpool.py.
+delivery is decided in workqueue/policy.py; the threads and child processes that run the tasks are in
+workqueue/taskpool.py.
 """
 
 from __future__ import annotations

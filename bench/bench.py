@@ -3,6 +3,7 @@
 
     ./run.sh bench            # full sizes, a few minutes
     ./run.sh bench --quick    # small sizes, to check that it runs
+    ./run.sh bench --publish  # only the ways of publishing (a minute)
 
 Every figure is a whole process, start-up included, on persistent messages and
 a quorum queue, on a throwaway broker node (or --url). Prints one Markdown table.
@@ -104,11 +105,24 @@ def publish_rows(url: str, count: int, per_process: int, tmp: Path) -> list[tupl
          [PY, str(BENCH / "pika_loop.py"), url, q, short, "--confirm"]),
         ("pika loop, no confirms (unsafe)", count, [PY, str(BENCH / "pika_loop.py"), url, q, full]),
         ("ours: new_task.py --file (confirms, 1000 in flight)", count, ours("new_task.py", url, q, "--file", full)),
+        ("ours: Producer.send_many() (the library; confirms, 1000 in flight)", count,
+         [PY, str(BENCH / "producer_send.py"), url, q, full, "bulk"]),
+        ("ours: Producer.send() from 16 threads (each waits for its confirm)", confirmed_one_by_one,
+         [PY, str(BENCH / "producer_send.py"), url, q, short, "threads"]),
     ]:  # fmt: skip
         seconds, peak = timed(cmd)
         rows.append((name, n, n / seconds, peak))
         delete(url, q)
     return rows
+
+
+def publish_table(publish: list[tuple[str, int, float, float]]) -> list[str]:
+    """The table's rows for publish_rows(), each against new_task.py's rate."""
+    ours = next(rate for name, _, rate, _ in publish if name.startswith("ours: new_task.py"))
+    return [
+        f"| publish: {name} | {n:,} | {rate:,.0f}/s | {rate / ours:.2f}x ours | {f'{peak:.0f} MB' if peak else ''} |"
+        for name, n, rate, peak in publish
+    ]
 
 
 # --- 2. Draining ------------------------------------------------------------------
@@ -269,6 +283,9 @@ def main() -> int:
         action="store_true",
         help="only the tutorial's worker and ours at prefetch 1, in alternating rounds (about 2 minutes)",
     )
+    parser.add_argument(
+        "--publish", action="store_true", help="only the ways of publishing: the tutorial's, ours, the library's"
+    )
     args = parser.parse_args()
     publish_n, per_process, drain_n, rounds, fair_n, dot = (
         (2000, 5, 500, 1, 9, 0.02) if args.quick else (100_000, 40, 5_000, 8, 30, 0.1)
@@ -295,6 +312,11 @@ def main() -> int:
                 return 0
             print("Publishing...", file=sys.stderr)
             publish = publish_rows(url, publish_n, per_process, tmp)
+            if args.publish:
+                print(f"{broker}, {os.cpu_count()} cores\n\n| what | size | rate | vs ours | peak RSS |")
+                print("| --- | ---: | ---: | ---: | ---: |")
+                print("\n".join(publish_table(publish)))
+                return 0
             print("Draining...", file=sys.stderr)
             q = "bench_drain"
             tutorial = [PY, str(BENCH / "tutorial_worker.py"), url, q]
@@ -342,7 +364,6 @@ def main() -> int:
         if node:
             node.destroy()
 
-    ours_publish = publish[-1][2]
     tutorial_drain = next(iter(rates.values()))
     out.append(
         f"Machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
@@ -352,9 +373,7 @@ def main() -> int:
     out.append("")
     out.append("| what | size | rate | vs ours / vs tutorial | peak RSS |")
     out.append("| --- | ---: | ---: | ---: | ---: |")
-    for name, n, rate, peak in publish:
-        mem = f"{peak:.0f} MB" if peak else ""
-        out.append(f"| publish: {name} | {n:,} | {rate:,.0f}/s | {rate / ours_publish:.2f}x ours | {mem} |")
+    out.extend(publish_table(publish))
     for name, runs in rates.items():
         ratios = [rate / tutorial for rate, tutorial in zip(runs, tutorial_drain)]
         spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(runs) > 1 else ""

@@ -27,9 +27,11 @@ def test_benchmark_runs_and_prints_its_table(broker, whole_machine):
         raise AssertionError(f"the benchmark overran 600 s; its steps so far:\n{steps}") from None
     assert result.returncode == 0, result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    # header, separator, 4 publish, 6 drain, 1 isolation cost, 6 concurrency, 2 makespan and 2 memory rows;
+    # header, separator, 6 publish, 6 drain, 1 isolation cost, 6 concurrency, 2 makespan and 2 memory rows;
     # 3 turnaround rows when root; the peers: a heading, 3 drains x 4 systems and 4 makespans
-    assert len(table) == 23 + (3 if as_root else 0) + 17
+    assert len(table) == 25 + (3 if as_root else 0) + 17
+    for row in ("Producer.send_many()", "Producer.send() from 16 threads"):
+        assert re.search(rf"^\| [^|]*{re.escape(row)}[^|]*\| [\d,]+ \| [\d,]+/s", result.stdout, re.M), row
     for system in ("ours (classic)", "ours (quorum)", "Dramatiq: ", "Celery: "):
         for what in ("one at a time", "best settings", "50 ms I/O-bound tasks, 8 at once", "makespan, 3 workers"):
             assert re.search(rf"^\| [^|]*{re.escape(what)}[^|]*{re.escape(system)}", result.stdout, re.M), (

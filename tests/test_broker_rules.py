@@ -12,7 +12,7 @@ import time
 
 import pika
 import pytest
-from conftest import get_all, publish, rabbitmq_version, run_script, start_worker, wait_for_counts
+from conftest import get_all, publish, rabbitmq_version, run_script, start_worker, wait_for_counts, wait_until
 
 pytestmark = pytest.mark.queue_semantics
 
@@ -252,7 +252,14 @@ def test_a_dead_letter_queue_declared_before_keeps_working_and_says_how_to_lift_
     assert len(warning) == 1, worker.output
     policy = re.search(r"rabbitmqctl (set_policy \S+ '(.*?)' '(.*?)' --apply-to quorum_queues)", warning[0])
     assert policy, warning[0]
-    broker.rabbitmqctl("set_policy", policy[1].split()[1], policy[2], policy[3], "--apply-to", "quorum_queues")
+    name = policy[1].split()[1]
+    broker.rabbitmqctl("set_policy", name, policy[2], policy[3], "--apply-to", "quorum_queues")
+
+    def applied() -> bool:  # set_policy returns before the queue has it (seconds, under load): each list counts
+        rows = broker.rabbitmqctl("list_queues", "name", "policy", "--quiet", "--no-table-headers").splitlines()
+        return f"{queue}.dlq\t{name}" in rows
+
+    wait_until(applied, 60, f"the policy {name} to apply to {queue}.dlq", every=0.5)
     listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)
     assert "1 dead task in" in listed.stdout and "set_policy" in listed.stderr  # it warns too, in one line
     assert listed.stderr.count("\n") == 1, listed.stderr
@@ -261,7 +268,7 @@ def test_a_dead_letter_queue_declared_before_keeps_working_and_says_how_to_lift_
             listed = run_script("dead_letters.py", "list", "--queue", queue, env=env)
             assert "1 dead task in" in listed.stdout, listed.stdout + listed.stderr
     finally:
-        broker.rabbitmqctl("clear_policy", policy[1].split()[1])
+        broker.rabbitmqctl("clear_policy", name)
 
 
 def test_a_deleted_wait_queue_is_declared_again_and_the_retry_waits_there(env, queue, start, broker):

@@ -5,12 +5,16 @@ gets when the broker cannot be reached or refuses the login."""
 from __future__ import annotations
 
 import asyncio
+import importlib
+import re
+import sys
 import threading
 import time
 from collections import Counter
 
+import pika
 import pytest
-from conftest import rabbitmq_version, ready_count, take_all, wait_until
+from conftest import ROOT, rabbitmq_version, ready_count, run_script, take_all, wait_until
 
 import workqueue
 from local_broker import free_port
@@ -156,3 +160,66 @@ def test_a_long_bulk_send_keeps_the_order_and_gives_every_task_its_id(queue, bro
     taken = take_all(broker.url, queue)
     assert [body for body, _ in taken] == [f"task {n}".encode() for n in range(count)]
     assert [properties.message_id for _, properties in taken] == ids
+
+
+def readme_example(first_line: str) -> str:
+    """The README's python example that starts with `first_line`."""
+    examples = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    [example] = [code for code in examples if code.startswith(first_line)]
+    return example
+
+
+@pytest.fixture
+def default_queue(broker):
+    """The README's examples send to task_queue: empty before, and gone after (with its delay queue)."""
+
+    def remove() -> None:
+        with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+            channel = connection.channel()
+            for name in ("task_queue", "task_queue.delay.600s"):
+                channel.queue_delete(name)
+
+    remove()
+    yield "task_queue"
+    remove()
+
+
+def test_the_readmes_web_example_answers_with_the_tasks_id_and_503_without_a_broker(
+    default_queue, broker, tmp_path, monkeypatch
+):
+    pytest.importorskip("flask", reason="requirements-dev.txt installs it")
+    (tmp_path / "app.py").write_text(readme_example("# app.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("AMQP_URL", broker.url)
+    app = importlib.import_module("app")
+    try:
+        answer = app.app.test_client().post("/thumbnails", data=b"photo.jpg..")
+        assert answer.status_code == 202, answer.get_data(as_text=True)
+        [(body, properties)] = take_all(broker.url, default_queue)
+        assert body == b"photo.jpg.." and properties.message_id == answer.get_json()["task"]
+    finally:
+        app.producer.close()
+        sys.modules.pop("app", None)
+
+    monkeypatch.setenv("AMQP_URL", f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    app = importlib.import_module("app")
+    try:
+        answer = app.app.test_client().post("/thumbnails", data=b"photo.jpg..")
+        assert answer.status_code == 503 and "cannot reach 127.0.0.1" in answer.get_json()["error"]
+    finally:
+        app.producer.close(timeout=0)
+        sys.modules.pop("app", None)
+
+
+def test_the_readmes_asyncio_example_sends_what_it_says(default_queue, broker, env, tmp_path):
+    (tmp_path / "send_async.py").write_text(readme_example("# send_async.py"))
+    installed = {**env, "PYTHONPATH": str(ROOT)}  # as `pip install .` would have it
+    result = run_script(str(tmp_path / "send_async.py"), env=installed)
+    assert result.returncode == 0, result.stderr
+    first, later, count = result.stdout.split()
+    assert count == "100" and first != later
+    now = take_all(broker.url, default_queue)
+    assert [body for body, _ in now] == [b"Resize photo.jpg..", *(f"Thumbnail {n}.".encode() for n in range(100))]
+    assert now[0][1].message_id == first
+    [(body, properties)] = take_all(broker.url, "task_queue.delay.600s")
+    assert body == b"Send the reminder." and properties.message_id == later

@@ -532,14 +532,16 @@ class Session:
     def refuse_priority(self) -> None:
         """A priority before RabbitMQ 4: its quorum queues ignore it. new_task.py sends nothing; a Producer's
         sender gets the error."""
-        release = f"RabbitMQ {'.'.join(map(str, self.version))}" if self.version > (0,) else "this broker"
-        error = workqueue.UsageError(
-            f"priority: the quorum queues of {release} ignore priorities "
-            "(RabbitMQ 4.0 and later take high before normal); not sent"
+        release = (
+            f"RabbitMQ {'.'.join(map(str, self.version))}" if self.version > (0,) else "this broker (version unknown)"
         )
-        if self.outbox.drop(error).future is None:  # new_task.py
-            self.publisher.fatal = error
+        why = f"the quorum queues of {release} ignore priorities (RabbitMQ 4.0 and later take high before normal)"
+        if self.outbox.peek().future is None:  # new_task.py --priority high: every task has it
+            self.outbox.drop(workqueue.UsageError(""))
+            self.publisher.fatal = workqueue.UsageError(f"--priority high: {why}; nothing sent")
             self.close()
+        else:
+            self.outbox.drop(workqueue.UsageError(f"priority: {why}; not sent"))
 
     def on_confirm(self, frame):
         """The broker confirmed (ack) or refused (nack) one message, or all up to a tag."""
