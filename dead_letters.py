@@ -55,6 +55,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = make_argument_parser().parse_args()
     workqueue.setup_logging()
+    workqueue.check_queue_name(args.queue)
     if args.limit and args.action == "purge":
         raise workqueue.UsageError("purge drops every dead task: --limit does not go with it")
     dead_letter_queue = workqueue.dead_letter_queue(args.queue)

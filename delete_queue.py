@@ -34,6 +34,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = make_argument_parser().parse_args()
+    workqueue.check_queue_name(args.queue, "queue", derived=False)  # (a .dlq or a .retry queue is one to delete)
     if args.purge and (args.if_empty or args.if_unused):
         raise workqueue.UsageError("--purge keeps the queue: it does not go with --if-empty or --if-unused")
     connection, url = workqueue.connect(workqueue.broker_urls(args.url), retry_for=2)

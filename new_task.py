@@ -186,6 +186,7 @@ class LineReader:
 def main() -> int:
     args = make_argument_parser().parse_args()
     workqueue.setup_logging()
+    workqueue.check_queue_name(args.queue)
     urls = workqueue.broker_urls(args.url)
     for url in urls:
         workqueue.connection_parameters(url)  # a bad URL is a usage error, before anything is sent

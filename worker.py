@@ -195,7 +195,7 @@ class Consumer:
         self.in_hand.discard(delivery)  # first: a stop acted on now counts the tasks still running
         self.worker.stop()  # before an ack: the broker would send the next task at once
         if result.why and result.why.startswith("time limit of"):
-            self.worker.metrics.settled("timed_out")  # counted once, whatever becomes of the task
+            self.worker.metrics.settled("timed_out", delivery)  # counted once, whatever becomes of the task
         decision = self.decide(delivery, result.outcome, why=result.why)
         self.settle(delivery, decision, result.why, seconds=result.seconds, thread=result.thread)
         self.close_if_idle()
@@ -231,7 +231,7 @@ class Consumer:
             try:
                 refused = self.publish(delivery, record)
             except pika.exceptions.AMQPError:  # the connection died just now: say so, then reconnect
-                metrics.settled("lost")
+                metrics.settled("lost", delivery)
                 self.say(f"[!] Failed '{label}': {why}; could not record it, its connection is gone; "
                          "the broker redelivers it", thread)  # fmt: skip
                 raise
@@ -250,20 +250,20 @@ class Consumer:
             try:
                 self.channel.basic_ack(delivery_tag=delivery.delivery_tag)
             except pika.exceptions.AMQPError:  # recorded, but the ack died with the connection: it runs again too
-                metrics.settled("lost")
+                metrics.settled("lost", delivery)
                 self.say(f"[!] Failed '{label}': {why}; published to {record.queue}, but the ack was lost "
                          "with its connection: the broker redelivers it too", thread)  # fmt: skip
                 raise
-            metrics.settled("retried" if act is Act.RETRY else "dead_lettered")
+            metrics.settled("retried" if act is Act.RETRY else "dead_lettered", delivery)
             self.say(f"[!] Failed '{label}': {why}; {record.what} [id {delivery.short_id}]", thread)
         elif act is Act.ACK:  # done: this is where a finished task is acked
             try:
                 self.channel.basic_ack(delivery_tag=delivery.delivery_tag)
             except pika.exceptions.AMQPError:  # the connection died just now: say so, then reconnect
-                metrics.settled("lost")
+                metrics.settled("lost", delivery)
                 self.say(f"[!] Could not ack '{label}': its connection is gone; the broker redelivers it", thread)
                 raise
-            metrics.settled("done")
+            metrics.settled("done", delivery)
             self.say(f"[x] Done '{label}' in {seconds:.1f}s", thread)
         elif act is Act.HAND_BACK:  # a task not started: back to the queue, untouched
             self.channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=True)
@@ -274,11 +274,11 @@ class Consumer:
             self.say(f"[*] Handed back '{label}' (its failure was not recorded yet): shutting down", thread)
         elif act is Act.FORGOTTEN:  # --auto-ack: nothing to send
             done = why is None
-            metrics.settled("done" if done else "lost")
+            metrics.settled("done" if done else "lost", delivery)
             self.say(f"[x] Done '{label}' in {seconds:.1f}s" if done else
                      f"[!] Failed '{label}': {why} (auto-ack: the task is lost)", thread)  # fmt: skip
         elif act is Act.LOST:
-            metrics.settled("lost")
+            metrics.settled("lost", delivery)
             gone = "channel" if self.channel.connection.is_open else "connection"
             lost = decision.why or f"its {gone} is gone; the broker redelivers it if it kept it"
             self.say(f"[!] Could not ack '{label}': {lost}", thread)
@@ -798,6 +798,7 @@ def serve_metrics(args: argparse.Namespace) -> Metrics:
 def main() -> int:
     args = make_argument_parser().parse_args()
     workqueue.setup_logging(args.name)
+    workqueue.check_queue_name(args.queue)
     if args.auto_ack and args.max_tasks is not None:
         raise workqueue.UsageError(
             "--max-tasks cannot be exact with --auto-ack: the broker hands an auto-ack consumer every "

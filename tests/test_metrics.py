@@ -23,6 +23,9 @@ def get(port: int, path: str) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
 def sample(text: str, name: str, **labels: str) -> float:
     """The value of one series in Prometheus text (its labels in any order)."""
     for line in text.splitlines():
@@ -49,6 +52,16 @@ def test_counters_are_exact_after_a_known_mix_of_tasks(env, queue, start, broker
     assert sample(text, "workqueue_tasks_in_progress", queue=queue) == 0
     assert sample(text, "workqueue_connected") == 1
     assert sample(text, "workqueue_reconnects_total") == 0
+
+    # Asked for OpenMetrics, as Prometheus asks with exemplars on: the last task of a series, by its id.
+    asked = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": OPENMETRICS})
+    with urllib.request.urlopen(asked, timeout=5) as response:
+        text = response.read().decode()
+    short = re.search(r"Failed 'an error': .*; moved to \S+ \[id ([0-9a-f]{8})\]", worker.output)[1]
+    dead = re.search(
+        r'^workqueue_tasks_total\{[^}]*outcome="dead_lettered"[^}]*\} 1\.0 # \{task_id="([^"]+)"\}', text, re.M
+    )
+    assert dead and dead[1].startswith(short) and len(dead[1]) == 36, text  # the id new_task.py gave it
 
 
 def test_the_queue_wait_is_counted_from_the_publish_or_from_the_due_time(env, queue, start, broker):

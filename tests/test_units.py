@@ -285,6 +285,16 @@ def test_every_task_gets_an_id_of_its_own_and_its_sender_gets_it_at_the_confirm(
     assert [future.result(0) for future in futures] == ids
 
 
+def test_identical_lines_sent_in_the_same_second_are_different_tasks_to_the_worker():
+    """The worker keys what it remembers of a task (how often a consumer timeout took it back) on
+    message_identity(); without ids, two identical lines sent in the same second shared one."""
+    first, second = message(b"same line."), message(b"same line.")
+    second.properties.timestamp = first.properties.timestamp  # the same second
+    assert taskpool.message_identity(first.properties, first.body) != taskpool.message_identity(
+        second.properties, second.body
+    )
+
+
 def test_a_task_whose_sender_gave_up_before_it_was_published_is_never_published():
     gave_up, waits = concurrent.futures.Future(), concurrent.futures.Future()
     outbox = Outbox(queued([message(b"late", future=gave_up), message(b"on time", future=waits)]), window=10)

@@ -180,6 +180,17 @@ def test_bad_usage_exits_2(env, script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_a_queue_name_the_broker_cannot_take_is_a_usage_error_that_says_why(env, broker, script):
+    """'' (the broker would make one up), amq.* (reserved), and a name whose derived names (.dlq, .delay.600s)
+    would pass 255 bytes: exit 2 and one line, before it connects."""
+    name_option = () if script == "delete_queue.py" else ("--queue",)
+    too_long = "q" * 250 if script != "delete_queue.py" else "q" * 256
+    for name, why in [("", "cannot be empty"), ("amq.mine", "the broker's own"), (too_long, "at most")]:
+        result = run_script(script, *ACTION.get(script, ()), *name_option, name, "--url", broker.url, env=env)
+        assert_one_line_error(result, 2, why)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_help_shows_examples_defaults_and_exit_codes(env, script):
     result = run_script(script, "--help", env=env)
     assert result.returncode == 0

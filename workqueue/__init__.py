@@ -557,6 +557,23 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MAX_QUEUE_NAME = 255 - 32  # bytes: room for the names made from it (.dlq, .retry.2.5s, .delay.2592000s)
+
+
+def check_queue_name(name: str, what: str = "--queue", derived: bool = True) -> str:
+    """A queue name the broker takes, with its derived names (`derived`), or a UsageError that says why."""
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if not name:
+        raise UsageError(f"{what}: a queue name cannot be empty (the broker would make one up: amq.gen-...)")
+    if name.startswith("amq."):
+        raise UsageError(f"{what} '{printable(name, limit=60)}': names that start with amq. are the broker's own")
+    limit = MAX_QUEUE_NAME if derived else 255
+    if size > limit:
+        room = " (the names made from it, such as <queue>.dlq and <queue>.delay.600s, must fit the broker's 255)"
+        raise UsageError(f"{what}: a queue name of at most {limit} bytes{room if derived else ''}; this one has {size}")
+    return name
+
+
 def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", default=DEFAULT_QUEUE, help="queue name")
     parser.add_argument(

@@ -4,7 +4,9 @@ prometheus-client is imported only when that option is given (Metrics); without 
 uses NoMetrics, which does nothing. One HTTP server in a thread of its own serves:
 
     GET /metrics   Prometheus text: tasks by outcome, task durations, tasks in progress,
-                   the connection's state and its reconnects
+                   the connection's state and its reconnects; asked for OpenMetrics (as Prometheus
+                   does with exemplar storage on), the last task counted in each series is named by
+                   an exemplar, {task_id="..."}: an id per task as a label would make a series per task
     GET /healthz   200 while the worker is connected and consuming; else 503 and why
 
 Thread safety: prometheus-client's metrics are safe to update from any thread (the task threads
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import sys
 import threading
+
+from workqueue import printable
 
 OUTCOMES = ("done", "retried", "dead_lettered", "lost", "timed_out")
 
@@ -81,17 +85,22 @@ class Metrics:
     def reconnected(self) -> None:
         self.reconnects.inc()
 
-    def settled(self, outcome: str) -> None:
-        self.tasks.labels(self.queue, outcome).inc()
+    def settled(self, outcome: str, delivery=None) -> None:
+        self.tasks.labels(self.queue, outcome).inc(exemplar=exemplar(delivery))
 
     def task_started(self, waited: float | None = None) -> None:
         self.in_progress.inc()
         if waited is not None:
             self.waited.observe(waited)
 
-    def task_ran(self, seconds: float) -> None:
+    def task_ran(self, seconds: float, delivery=None) -> None:
         self.in_progress.dec()
-        self.seconds.observe(seconds)
+        self.seconds.observe(seconds, exemplar=exemplar(delivery))
+
+
+def exemplar(delivery) -> dict | None:
+    """The task's id, for an exemplar (at most 128 characters in all, by the OpenMetrics rules)."""
+    return None if delivery is None else {"task_id": printable(delivery.task_id, limit=100)}
 
 
 class NoMetrics:
@@ -108,13 +117,13 @@ class NoMetrics:
     def reconnected(self) -> None:
         pass
 
-    def settled(self, outcome: str) -> None:
+    def settled(self, outcome: str, delivery=None) -> None:
         pass
 
     def task_started(self, waited: float | None = None) -> None:
         pass
 
-    def task_ran(self, seconds: float) -> None:
+    def task_ran(self, seconds: float, delivery=None) -> None:
         pass
 
 

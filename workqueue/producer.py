@@ -626,6 +626,10 @@ class Producer:
         urls = workqueue.broker_urls(url.split(",") if url else None)
         for each in urls:
             workqueue.connection_parameters(each)  # a bad URL: a UsageError now, not at the first send
+        try:
+            workqueue.check_queue_name(queue, "queue")
+        except workqueue.UsageError as error:
+            raise ValueError(str(error)) from None
         if queue_type not in ("quorum", "classic"):
             raise ValueError(f"queue_type must be 'quorum' or 'classic', not {queue_type!r}")
         self.queue = queue

@@ -309,7 +309,7 @@ class TaskPool:
             try:
                 why, seconds, crashed = self.run_in_child(delivery.body)
             except ChildDidNotStart as error:  # not the task's fault: it goes back
-                self.metrics.task_ran(0.0)
+                self.metrics.task_ran(0.0, delivery)
                 if self.closing.is_set():  # killed by kill_children() as it started: the worker is exiting
                     return Result(Outcome.NOT_STARTED)
                 return Result(Outcome.CANNOT_RUN, str(error), 0.0, thread)  # Worker.give_up() stops the worker
@@ -323,7 +323,7 @@ class TaskPool:
             except BaseException as error:  # SystemExit from a task too: the task failed, the worker goes on
                 why = reason(error)
             seconds = time.monotonic() - started
-        self.metrics.task_ran(seconds)
+        self.metrics.task_ran(seconds, delivery)
         outcome = Outcome.CRASHED if crashed else Outcome.FAILED if why else Outcome.DONE
         return Result(outcome, why, seconds, thread)
 
