@@ -358,7 +358,8 @@ def manual_ack_redelivers(lab: Lab) -> tuple[Outcome, str]:
     """Manual acks, 3 workers, kill 2 of them mid-task: their tasks go to the survivor."""
     result = kill_two_of_three(lab)
     return result, (
-        f"{result.lost} tasks lost, {result.redelivered} redelivered: a task is acked only when done, so the "
+        f"{workqueue.plural(result.lost, 'task')} lost, {result.redelivered} redelivered: a task is acked only "
+        "when done, so the "
         "broker gave the killed workers' unacked tasks to the worker still running (marked lower case)."
     )
 
@@ -367,7 +368,7 @@ def broker_restart(lab: Lab) -> tuple[Outcome, str]:
     """Tasks waiting in a classic queue (transient messages) and a quorum queue (persistent) over a restart."""
     if lab.node is None:
         raise workqueue.UsageError(
-            "broker-restart restarts the broker: run it on a throwaway node (without --url, --local or AMQP_URL)"
+            "broker-restart restarts the broker: run it on a throwaway node (without --url or --local)"
         )
     classic = lab.queue + "_classic"
     tasks = [f"task{i}." for i in range(1, 7)]
@@ -434,9 +435,12 @@ def scale_out(lab: Lab) -> tuple[Outcome, str]:
     signalled = next((i for i, line in enumerate(lines) if "Warm shutdown" in line), len(lines))
     started_late = sum(1 for line in lines[signalled:] if "Received" in line)
     after_signal = (
-        "started nothing after the signal" if not started_late else f"started {started_late} task(s) after the signal"
+        "started nothing after the signal"
+        if not started_late
+        else f"started {workqueue.plural(started_late, 'task')} after the signal"
     ) + (
-        f" and handed back {handed_back} task(s) it received after it, untouched (another worker did them, "
+        f" and handed back {workqueue.plural(handed_back, 'task')} it received after it, untouched "
+        "(another worker did them, "
         "marked lower case)"
         if handed_back
         else ""
@@ -675,7 +679,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
         epilog="examples:\n  python exercises.py --list\n  python exercises.py auto-ack-loses\n"
-        "  python exercises.py --all --dot-seconds 0.1",
+        "  python exercises.py --all --dot-seconds 0.1\n  python exercises.py --rabbitmq 4.3 delay   # on a 4.3 node",
         formatter_class=workqueue.HelpFormatter,
     )
     parser.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (see --list)")
@@ -689,6 +693,12 @@ def make_argument_parser() -> argparse.ArgumentParser:
         "--local",
         action="store_true",
         help="use the broker on $AMQP_URL or localhost if one answers, else a throwaway node",
+    )
+    parser.add_argument(
+        "--rabbitmq",
+        choices=local_broker.RELEASES,
+        help="the release of the throwaway node: system, 4.0 or 4.3 (default: $WORKQUEUE_RABBITMQ, else system; "
+        "./run.sh broker R installs it)",
     )
     parser.add_argument("--quiet", action="store_true", help="no live output, only timeline and verdict")
     parser.add_argument("--json", action="store_true", help="print each outcome as a JSON line too (for tests)")
@@ -725,9 +735,15 @@ def main() -> int:
         skipped = ", ".join(NEEDS_A_THROWAWAY_NODE)
         only = "so it runs only on a throwaway node (without --url or --local)"
         print(f"Skipping {skipped}: it restarts the broker, {only}")
+    elif url and set(names) & set(NEEDS_A_THROWAWAY_NODE):  # refused before anything is printed or started
+        raise workqueue.UsageError(
+            "broker-restart restarts the broker: run it on a throwaway node (without --url or --local)"
+        )
     node = None
     if url is None:
-        rabbitmq = local_broker.RabbitMQ()  # the system's, or $WORKQUEUE_RABBITMQ
+        if os.environ.get("AMQP_URL") and not args.local:
+            print("AMQP_URL is set, but the experiments run on a throwaway node of their own (--local uses it)")
+        rabbitmq = local_broker.RabbitMQ(args.rabbitmq)  # --rabbitmq, else $WORKQUEUE_RABBITMQ, else the system's
         print(f"Starting a throwaway RabbitMQ {rabbitmq.version()} node (about 10 s)...", flush=True)
         node = local_broker.BrokerNode(name="exercise", rabbitmq=rabbitmq).start()
         url = node.url

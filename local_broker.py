@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import workqueue
 
@@ -459,6 +460,7 @@ examples:
   python local_broker.py                  # one node; Ctrl+C stops and removes it
   python local_broker.py --cluster 3      # three nodes joined in one cluster
   python local_broker.py restart          # from another terminal: restart the running node(s)
+  python local_broker.py stop             # stop it, or the node a killed one (kill -9) left running
   python local_broker.py ctl list_queues name messages_ready messages_unacknowledged
 """
 
@@ -527,6 +529,11 @@ def running_state() -> dict:
     state = read_state()
     if is_local_broker(state):
         return state
+    if state.get("nodes"):  # it wrote state and is gone without removing it: killed (kill -9, a crash)
+        raise workqueue.BrokerUnreachable(
+            "no local_broker.py is running; one was killed and its node may run on: "
+            "python local_broker.py stop stops it"
+        )
     raise workqueue.BrokerUnreachable(
         "no local_broker.py is running; start one in another terminal with: python local_broker.py"
     )
@@ -541,7 +548,12 @@ def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
         "urls": urls,
         "restarts": 0,
         "nodes": [
-            {"nodename": node.nodename, "home": node.environment()["HOME"], "rabbitmq": node.rabbitmq.release}
+            {
+                "nodename": node.nodename,
+                "home": node.environment()["HOME"],
+                "rabbitmq": node.rabbitmq.release,
+                "base": str(node.base),  # for `stop`, if this process is killed and the node runs on
+            }
             for node in nodes
         ],
     }
@@ -580,6 +592,35 @@ def restart(timeout: float = 300) -> int:
     raise BrokerError(f"the local broker did not restart within {timeout:.0f}s")
 
 
+def stop(timeout: float = 120) -> int:
+    """Stop the running local_broker.py (it stops and removes its nodes); or, if one was killed, the
+    nodes it left running (found in its state file), and remove them."""
+    state = read_state()
+    if is_local_broker(state):
+        os.kill(state["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while is_local_broker(read_state()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if is_local_broker(read_state()):
+            raise BrokerError(f"the local broker did not stop within {timeout:.0f}s")
+        print(" [x] Stopped the local broker")
+        return workqueue.EXIT_OK
+    left = state.get("nodes") or []
+    if not left:
+        raise workqueue.BrokerUnreachable("no local_broker.py is running, and none left a node behind")
+    for node in left:  # rabbitmqctl stop: the node's own clean stop (it may be gone already: then it fails)
+        command = RabbitMQ(node.get("rabbitmq", "system")).command("rabbitmqctl", "-n", node["nodename"], "stop")
+        environment = {**os.environ, "HOME": node["home"]}
+        subprocess.run(command, env=environment, capture_output=True, timeout=timeout, check=False)
+        base = Path(node.get("base") or "/nonexistent")
+        if base.name.startswith("rabbit-"):  # a throwaway node's directory, as BrokerNode makes them
+            shutil.rmtree(base, ignore_errors=True)
+    with contextlib.suppress(OSError, BrokerError):
+        state_file().unlink(missing_ok=True)
+    print(f" [x] Stopped and removed {workqueue.plural(len(left), 'node')} that a killed local_broker.py left running")
+    return workqueue.EXIT_OK
+
+
 def ctl(arguments: list[str]) -> int:
     """rabbitmqctl with these arguments, run against the running local_broker.py's (first) node."""
     node = running_state()["nodes"][0]
@@ -591,7 +632,7 @@ def main() -> int:
     if sys.argv[1:2] == ["ctl"]:  # everything after it is rabbitmqctl's, options included
         return ctl(sys.argv[2:])
     parser = argparse.ArgumentParser(
-        usage="%(prog)s [-h] [--cluster N] [--rabbitmq RELEASE] [start | restart]\n"
+        usage="%(prog)s [-h] [--cluster N] [--rabbitmq RELEASE] [start | restart | stop]\n"
         "       %(prog)s ctl RABBITMQCTL-ARGUMENTS...",
         description="Start a throwaway RabbitMQ node (or a local cluster), print its URL, and stop and\n"
         "remove it on Ctrl+C. From another terminal, `restart` restarts it, and `ctl ...` runs\n"
@@ -602,9 +643,10 @@ def main() -> int:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=("start", "restart"),
+        choices=("start", "restart", "stop"),
         default="start",
-        help="start a node and keep it until Ctrl+C (default), or restart the one running",
+        help="start a node and keep it until Ctrl+C (default), restart the one running, or stop it (or the "
+        "node a killed one left running)",
     )
     parser.add_argument(
         "--cluster", type=workqueue.number(int, minimum=1), metavar="N", help="start N nodes joined in one cluster"
@@ -620,6 +662,20 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "restart":
         return restart()
+    if args.command == "stop":
+        return stop()
+    left = read_state()
+    if (
+        not is_local_broker(left)
+        and left.get("nodes")
+        and any(
+            amqp_answers(parts.hostname or "localhost", parts.port or 5672)
+            for parts in (urlsplit(url) for url in str(left.get("urls", "")).split(",") if url)
+        )
+    ):  # starting now would lose the only record of that node
+        raise workqueue.UsageError(
+            "a local_broker.py was killed and left its node running: python local_broker.py stop stops it"
+        )
     # Signals are taken by sigwait() in serve(), not by handlers: blocked from here on.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     rabbitmq = RabbitMQ(args.rabbitmq)

@@ -237,6 +237,14 @@ def main() -> int:
         reader.start(wake=publisher.wake)
     try:
         publisher.run()
+    except KeyboardInterrupt:  # Ctrl+C: what the broker has, and what it may not have
+        if publisher.show_progress:
+            sys.stderr.write("\r\033[K")
+        unconfirmed = len(outbox.unconfirmed)
+        maybe = f"; {workqueue.plural(unconfirmed, 'more')} sent, not confirmed" if unconfirmed else ""
+        print(f"new_task.py: interrupted: {workqueue.plural(outbox.confirmed, 'message')} confirmed{maybe}",
+              file=sys.stderr)  # fmt: skip
+        raise
     finally:
         if publisher.show_progress:
             sys.stderr.write("\r\033[K")
@@ -248,7 +256,7 @@ def main() -> int:
     failed = outbox.nacked + outbox.returned
     if failed:
         raise workqueue.NotConfirmed(
-            f"{failed} of {outbox.published - outbox.resent} message(s) not taken by the broker "
+            f"{failed} of {workqueue.plural(outbox.published - outbox.resent, 'message')} not taken by the broker "
             f"({outbox.nacked} nacked, {outbox.returned} unroutable)"
         )
     due = ""

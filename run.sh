@@ -189,7 +189,10 @@ case "${1:-}" in
         shift
         setup_python requirements.txt
         release=${RABBITMQ_RELEASE:-system}
-        case "${1:-}" in system | 4.0 | 4.3) release=$1; shift ;; esac
+        case "${1:-}" in
+            system | 4.0 | 4.3) release=$1; shift ;;
+            [0-9]*) echo "run.sh: unknown RabbitMQ release '$1': choose system, 4.0 or 4.3" >&2; exit 2 ;;
+        esac
         setup_rabbitmq "$release"
         exec .venv/bin/python local_broker.py --rabbitmq "$release" "$@"
         ;;

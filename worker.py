@@ -340,7 +340,7 @@ class Consumer:
         """Every task held here that no thread has started: policy decides (hand back; drop if the channel died)."""
         if self.args.auto_ack:
             return  # auto-acked tasks are ours alone: do them rather than lose them
-        for delivery in list(self.in_hand):
+        for delivery in sorted(self.in_hand, key=lambda each: each.delivery_tag):  # in the order they came
             if self.worker.tasks.drop(delivery):  # still waiting for a thread: it never will
                 self.in_hand.discard(delivery)
                 self.worker.started -= 1
@@ -349,7 +349,7 @@ class Consumer:
     def give_back_held(self, **facts) -> None:
         """Every failure held while its record was refused: policy decides (reject as we leave; drop if the
         channel died)."""
-        for delivery in list(self.held):
+        for delivery in sorted(self.held, key=lambda each: each.delivery_tag):
             self.settle(delivery, self.decide(delivery, Outcome.FAILED, unrecorded=True, **facts), None)
 
     def channel_gone(self) -> None:

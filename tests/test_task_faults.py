@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pika
 import pytest
 from conftest import (
+    ROOT,
     done_tasks,
     get_all,
     publish,
@@ -41,6 +44,18 @@ def dead_letters(broker, queue: str) -> list[tuple[bytes, dict]]:
 
 
 # --- 1. Time limits -------------------------------------------------------------------
+
+
+def test_a_worker_killed_while_it_replaces_a_child_leaves_no_traceback(env, queue, start, broker):
+    """kill -9 right after a time limit killed a child: the replacement child, still starting, finds the
+    worker gone before it could ask to die with it; it ends quietly (it printed a BrokenPipeError)."""
+    worker = start_worker(start, queue, "--time-limit", "1", "--max-retries", "0")
+    publish(env, queue, "hang")
+    worker.wait_for(r"Failed 'hang': time limit of 1 s exceeded; moved to ", timeout=30)
+    worker.kill()
+    worker.reader.join(timeout=60)  # until every process that held its output (the new child) has ended
+    assert not worker.reader.is_alive(), "a child process outlived the worker by a minute"
+    assert "Traceback" not in worker.output and "Error" not in worker.output.split("moved to")[-1], worker.output
 
 
 @pytest.mark.parametrize("blocked_in", ["sleep", "socket read"])
@@ -225,6 +240,21 @@ def test_list_shows_every_dead_task_and_takes_none(env, queue, start, broker):
     assert limited.stdout.endswith(f" [x] 3 dead tasks in '{queue}.dlq', 1 shown; none was taken\n")
     # Nothing consumed, nothing reordered:
     assert [body for body, _ in dead_letters(broker, queue)] == [b"an error 1", b"an error \x1b[2J 2", b"an error 3"]
+
+
+def test_list_into_a_reader_that_goes_away_stops_quietly_and_takes_nothing(env, queue, start, broker):
+    """`dead_letters.py list | head -2`: exit 141 (as a process that SIGPIPE ends), no error, no traceback."""
+    make_dead(env, queue, start, "an error 1", "an error 2", "an error 3")
+    with subprocess.Popen(
+        [sys.executable, str(ROOT / "dead_letters.py"), "list", "--queue", queue],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as lister:  # fmt: skip
+        first = [lister.stdout.readline() for _ in range(2)]
+        lister.stdout.close()  # as head does after its lines
+        assert lister.wait(timeout=30) == 141
+        assert lister.stderr.read() == ""
+    assert first[0].startswith("   1  'an error 1'")
+    wait_for_counts(broker, queue + ".dlq", 3, 0)  # nothing taken
 
 
 def test_replay_puts_dead_tasks_back_with_a_fresh_count(env, queue, start, broker, tmp_path):

@@ -705,3 +705,15 @@ def test_the_due_time_and_the_wait_since_come_from_headers_and_the_timestamp():
     assert policy.due_of(pika.BasicProperties(headers={"x-due-at": "soon"}))[1].startswith("ignoring header x-due-at")
     assert policy.is_high_priority(pika.BasicProperties(priority=9))
     assert not policy.is_high_priority(pika.BasicProperties(priority=4))
+
+
+def test_run_sh_names_every_entry_point_and_refuses_a_release_it_does_not_know():
+    shown = subprocess.run(["bash", str(ROOT / "run.sh")], capture_output=True, text=True, timeout=120, check=False)
+    assert shown.returncode == 2
+    for entry in ("demo", "test", "lint", "bench", "chaos", "broker"):
+        assert f"./run.sh {entry} " in shown.stdout, entry
+    refused = subprocess.run(
+        ["bash", str(ROOT / "run.sh"), "broker", "5.0"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("run.sh: unknown RabbitMQ release '5.0': choose system, 4.0 or 4.3")

@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import get_all, publish, ready_count, run_script, start_worker, wait_for_counts, wait_until
 
 import bench
-from local_broker import free_port
+from local_broker import amqp_answers, free_port
 
 
 def test_a_sent_task_is_done_by_a_worker(env, queue, start):
@@ -213,6 +214,21 @@ def test_unreachable_broker_exits_3(env, script, args):
     assert_one_line_error(result, 3, "cannot reach 127.0.0.1")
 
 
+@pytest.mark.parametrize("script", ["new_task.py", "worker.py"])
+def test_connect_timeout_is_the_time_it_keeps_trying_and_it_says_so_while_it_waits(env, script):
+    """--connect-timeout 6 tries for 6 s, not a backoff pause less (it gave up after 4.8 s), and says
+    at the start that it keeps trying (new_task.py was silent)."""
+    url = f"amqp://guest:s3cret@127.0.0.1:{free_port()}/%2F"
+    started = time.monotonic()
+    result = run_script(script, "--url", url, "--connect-timeout", "6", env=env, timeout=60)
+    assert time.monotonic() - started >= 6, result.stderr
+    assert result.returncode == 3, result.stderr
+    waiting, gave_up = result.stderr.splitlines()[-2:]
+    assert "cannot reach 127.0.0.1" in waiting and "retrying for up to 6s" in waiting, result.stderr
+    tried = float(re.search(r"gave up after trying for ([\d.]+)s", gave_up)[1])
+    assert 6 <= tried < 15 and "s3cret" not in result.stderr, gave_up
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_wrong_password_exits_4_at_once(env, broker, script):
     action = ACTION.get(script, ())
@@ -287,6 +303,15 @@ def test_each_line_from_a_slow_pipe_is_sent_as_soon_as_it_is_read(env, queue, st
     assert [body for body, _headers in get_all(broker, queue)] == [b"first.", b"second.", b"third, with no line end"]
 
 
+def test_ctrl_c_during_a_bulk_publish_says_how_many_the_broker_confirmed(env, queue, start, broker):
+    producer = start("new_task.py", "--queue", queue, "--file", "-", stdin=subprocess.PIPE)
+    producer.send("one.\ntwo.\n")
+    wait_until(lambda: ready_count(broker.url, queue) == 2, timeout=10, what="the two lines in the queue")
+    producer.signal(signal.SIGINT)
+    assert producer.wait(timeout=30) == 130, producer.output
+    assert producer.output.strip() == "new_task.py: interrupted: 2 messages confirmed", producer.output
+
+
 def test_giving_up_while_a_pipe_is_still_open_is_one_line_and_exit_3(env, start):
     """The reader thread is still waiting on the pipe when the producer gives up: no crash at exit."""
     url = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
@@ -321,6 +346,28 @@ def test_local_broker_restarts_its_node_and_keeps_durable_tasks(env, start, tmp_
         assert owner.wait(timeout=60) == 0, owner.output
     gone = run_script("local_broker.py", "restart", env=own)
     assert gone.returncode == 3 and "no local_broker.py is running" in gone.stderr
+
+
+def test_a_node_that_a_killed_local_broker_left_running_is_found_and_stopped(env, start, tmp_path):
+    own = {**env, "XDG_RUNTIME_DIR": str(tmp_path)}  # its own state file: a local_broker.py of yours is left alone
+    owner = start("local_broker.py", env=own)
+    owner.wait_for(r"^Ready: export AMQP_URL=", timeout=120)
+    url = re.search(r"^Ready: export AMQP_URL=(\S+)", owner.output, re.MULTILINE)[1]
+    owner.proc.kill()  # kill -9: no chance to stop its node
+    owner.proc.wait(timeout=10)
+    port = urlsplit(url).port
+    assert amqp_answers("127.0.0.1", port), "the node went with it: nothing to find"
+    told = run_script("local_broker.py", "restart", env=own)
+    assert told.returncode == 3 and "python local_broker.py stop" in told.stderr, told.stderr
+    again = run_script("local_broker.py", env=own)  # a new one would lose the only record of the old node
+    assert again.returncode == 2 and "left its node running" in again.stderr, again.stderr
+
+    stopped = run_script("local_broker.py", "stop", env=own, timeout=180)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "Stopped and removed 1 node that a killed local_broker.py left running" in stopped.stdout
+    assert not amqp_answers("127.0.0.1", port)
+    nothing = run_script("local_broker.py", "stop", env=own)
+    assert nothing.returncode == 3 and "none left a node behind" in nothing.stderr
 
 
 def test_worker_requires_a_valid_task_spec(env, queue):

@@ -188,13 +188,14 @@ def test_concurrency_runs_n_tasks_at_once(env, queue, start, broker):
 
 
 @pytest.mark.queue_semantics
-def test_warm_shutdown_finishes_every_running_task_and_hands_back_the_rest(env, queue, start, broker, gate):
-    # prefetch 5 > concurrency 3: two deliveries wait inside the worker; they go back untouched.
-    worker = start_worker(start, queue, "--concurrency", "3", "--prefetch", "5", *gate.task, cwd=gate.folder)
-    tasks = [f"t{i}" for i in range(1, 8)]
+def test_warm_shutdown_finishes_every_running_task_and_hands_back_the_rest_in_order(env, queue, start, broker, gate):
+    # prefetch 6 > concurrency 3: three deliveries wait inside the worker; they go back untouched, in the
+    # order they came, so that the next worker takes them in that order.
+    worker = start_worker(start, queue, "--concurrency", "3", "--prefetch", "6", *gate.task, cwd=gate.folder)
+    tasks = [f"t{i}" for i in range(1, 9)]
     publish(env, queue, *tasks)
     worker.wait_for(r"Received", count=3)
-    wait_for_counts(broker, queue, 2, 5)  # three running (held by the gate), two waiting at the worker
+    wait_for_counts(broker, queue, 2, 6)  # three running (held by the gate), three waiting at the worker
     worker.signal(signal.SIGTERM)
     worker.wait_for(r"Warm shutdown")
     gate.open()
@@ -202,8 +203,13 @@ def test_warm_shutdown_finishes_every_running_task_and_hands_back_the_rest(env, 
     assert worker.wait(timeout=30) == 0
     assert worker.count(r"\[x\] Received") == 3, worker.output
     assert len(done_tasks(worker)) == 3
-    wait_for_counts(broker, queue, 4, 0)
-    assert sorted(body.decode() for body, _ in get_all(broker, queue)) == sorted(set(tasks) - set(done_tasks(worker)))
+    handed_back = re.findall(r"Handed back '(t\d)' untouched", worker.output)
+    assert handed_back == sorted(handed_back, key=tasks.index) and len(handed_back) == 3, worker.output
+    wait_for_counts(broker, queue, 5, 0)
+    left = [body.decode() for body, _ in get_all(broker, queue)]
+    assert sorted(left) == sorted(set(tasks) - set(done_tasks(worker)))
+    # In their order among themselves; where they go among the tasks still waiting is the release's choice.
+    assert [t for t in left if t in handed_back] == handed_back, left
 
 
 SIGINT_AT_THE_END = """

@@ -54,6 +54,7 @@ exit codes:
                                  8  queue not empty / in use (delete_queue.py)
                                  9  access refused (the user's permissions)
                                 10  cannot run tasks (worker.py: no child process starts)
+  130  interrupted (Ctrl+C)     141  the reader of the output went away (| head)
 """
 
 
@@ -345,9 +346,11 @@ def connect(
                 reason = f"cannot reach {where(url)}: {describe(error)}"
             except (OSError, ssl.SSLError) as error:  # TLS handshake, DNS
                 reason = f"cannot reach {where(url)}: {describe(error)}"
-        pause = backoff.next()
-        if deadline is not None and time.monotonic() + pause > deadline:
-            raise BrokerUnreachable(f"{reason} (gave up after trying for {time.monotonic() - started:.1f}s)")
+        pause, now = backoff.next(), time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise BrokerUnreachable(f"{reason} (gave up after trying for {now - started:.1f}s)")
+        if deadline is not None:
+            pause = min(pause, deadline - now)  # a last try at the deadline, not a pause's length before it
         if not announced and (retry_for is None or retry_for > 5):  # say why we wait, if it may be long
             announce(f"{reason}; retrying" + (f" for up to {retry_for:g}s" if retry_for else ""))
             announced = True
@@ -622,6 +625,10 @@ def run(main: Callable[[], int]) -> None:
             code = EXIT_UNREACHABLE
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted; say nothing more, as `cat` would
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
+        code = 128 + signal.SIGPIPE
     except Exception as error:
         print(
             f"{prog}: unexpected error: {type(error).__name__}: {printable(describe(error))}",

@@ -15,7 +15,7 @@ import enum
 from datetime import datetime, timezone
 from typing import NamedTuple
 
-from workqueue import clock, dead_letter_queue, wait_queue
+from workqueue import clock, dead_letter_queue, plural, wait_queue
 
 # RabbitMQ 4 gives every quorum queue a delivery limit of 20: a message whose x-delivery-count would
 # pass it is dropped (or dead-lettered by the broker, if the queue has a dead-letter exchange).
@@ -238,7 +238,7 @@ def unrun_because(returned: int, taken_back: int, max_retries: int) -> tuple[str
         )
     if returned > RETURNS_BOUND:
         died = "a worker died with it, lost its connection or gave it back"
-        return f"it came back {returned} times without an ack ({died})", returned
+        return f"it came back {plural(returned, 'time')} without an ack ({died})", returned
     return None
 
 

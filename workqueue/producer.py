@@ -265,6 +265,7 @@ class Publisher:
         deadline = time.monotonic() + retry_for
         backoff = workqueue.Backoff()
         attempt = 0
+        announced = False
         while not self.stopping.is_set():
             confirmed_before = self.outbox.confirmed
             self.session = Session(self, self.urls[attempt % len(self.urls)])
@@ -286,10 +287,15 @@ class Publisher:
                 deadline = time.monotonic() + retry_for
                 if not self.session.nacked_here:  # the pause keeps growing while the broker keeps nacking
                     backoff.reset()
-            pause = backoff.next()
-            if not self.forever and time.monotonic() + pause > deadline and attempt % len(self.urls) == 0:
-                tried = time.monotonic() - (deadline - retry_for)
-                raise workqueue.BrokerUnreachable(f"{self.last_error} (gave up after trying for {tried:.1f}s)")
+            pause, now = backoff.next(), time.monotonic()
+            if not self.forever and attempt % len(self.urls) == 0:  # every URL tried: give up at the deadline
+                if now >= deadline:
+                    tried = now - (deadline - retry_for)
+                    raise workqueue.BrokerUnreachable(f"{self.last_error} (gave up after trying for {tried:.1f}s)")
+                pause = min(pause, deadline - now)
+                if not announced and retry_for > 5 and self.outbox.confirmed == confirmed_before == 0:
+                    self.warn("%s; retrying for up to %gs", self.last_error, retry_for)  # not silent while it waits
+                    announced = True
             self.stopping.wait(pause)
 
     def wake(self) -> None:
@@ -379,7 +385,8 @@ class Session:
             why = self.why_closing or f"connection lost ({workqueue.describe(reason)})"
             self.publisher.last_error = f"{why} on {workqueue.where(self.url)}"
             if not self.nacked_here:  # nacks were announced when they came
-                self.publisher.warn("%s; reconnecting, %d unconfirmed message(s) will be sent again", why, again)
+                unconfirmed = workqueue.plural(again, "unconfirmed message")
+                self.publisher.warn("%s; reconnecting, %s will be sent again", why, unconfirmed)
         self.ioloop.stop()
 
     def close(self, why: str | None = None) -> None:

@@ -465,19 +465,24 @@ def child_main(pipe, make_task: tuple[Callable, object]) -> None:
     for signum in STOP_SIGNALS:  # a handler that does nothing, not SIG_IGN: a program the task starts gets
         signal.signal(signum, lambda *_: None)  # the default action back, and stops when told to
     die_with_the_worker()
+    import multiprocessing  # noqa: PLC0415  (loaded already: it started us)
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the worker died before we asked to die with it
+        return
     function, argument = make_task
     task = function(argument)
-    pipe.send("ready")
-    while True:
-        try:
+    try:
+        pipe.send("ready")
+        while True:
             body = pipe.recv_bytes()
-        except EOFError:  # the worker is gone
-            return
-        try:
-            task(body)
-            pipe.send(None)
-        except BaseException as error:
-            pipe.send(reason(error))
+            try:
+                task(body)
+                pipe.send(None)
+            except BaseException as error:
+                pipe.send(reason(error))
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the worker is gone (kill -9): end quietly
+        return
 
 
 def die_with_the_worker() -> None:
