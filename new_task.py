@@ -20,6 +20,7 @@ import logging
 import math
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -184,6 +185,9 @@ class LineReader:
 
 
 def main() -> int:
+    # Ctrl+C says what the broker confirmed, even when a script started us with SIGINT ignored (as a shell
+    # does for the background jobs of a script), which Python would keep.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = make_argument_parser().parse_args()
     workqueue.setup_logging()
     workqueue.check_queue_name(args.queue)

@@ -165,7 +165,8 @@ def test_producer_sends_every_unconfirmed_message_again_after_a_cut(queue, start
     proxy.cut()
 
     assert producer.wait(timeout=120) == 0, producer.output
-    assert re.search(r"connection lost .*; reconnecting, \d+ unconfirmed messages? will be sent again", producer.output)
+    resending = r"connection lost .*; reconnecting, [\d,]+ unconfirmed messages? will be sent again"
+    assert re.search(resending, producer.output)
     assert f"Sent {count:,} messages, all confirmed" in producer.output
     resent = int(re.search(r"([\d,]+) were sent again", producer.output)[1].replace(",", ""))
     bodies = all_bodies(broker, queue)
@@ -231,7 +232,7 @@ def test_producer_ends_when_its_quorum_queue_is_deleted_under_a_bulk_publish(env
     else:
         assert code == 6, producer.output
         assert re.search(
-            r"error: [\d,]+ of [\d,]+ message\(s\) not taken by the broker .* unroutable",
+            r"error: [\d,]+ of [\d,]+ messages? not taken by the broker .* unroutable",
             producer.lines[-1],
         )
 

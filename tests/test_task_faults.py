@@ -24,6 +24,7 @@ from conftest import (
     wait_until,
 )
 
+import workqueue
 from workqueue import Producer
 
 pytestmark = pytest.mark.queue_semantics
@@ -213,7 +214,13 @@ def test_a_broker_restart_during_a_wait_loses_nothing(env, queue, start, running
 
     worker.wait_for(r"Received 'an error' \(attempt 2 of 2\)", timeout=60)
     worker.wait_for(r"Failed 'an error': .*moved to ")
-    assert [body for body, _ in dead_letters(running_broker, queue)] == [b"an error"]
+    dead = [body for body, _ in dead_letters(running_broker, queue)]
+    # Nothing lost. A second copy only when the stop cut off the ack of the first run (an ack is not
+    # confirmed): the broker then ran it again, and the worker's line said "redelivered" (seen once, 4.0).
+    assert dead == [b"an error"] or (dead == [b"an error"] * 2 and "(redelivered)" in worker.output), (
+        dead,
+        worker.output,
+    )
 
 
 # --- 4. dead_letters.py ------------------------------------------------------------------
@@ -242,19 +249,27 @@ def test_list_shows_every_dead_task_and_takes_none(env, queue, start, broker):
     assert [body for body, _ in dead_letters(broker, queue)] == [b"an error 1", b"an error \x1b[2J 2", b"an error 3"]
 
 
-def test_list_into_a_reader_that_goes_away_stops_quietly_and_takes_nothing(env, queue, start, broker):
-    """`dead_letters.py list | head -2`: exit 141 (as a process that SIGPIPE ends), no error, no traceback."""
-    make_dead(env, queue, start, "an error 1", "an error 2", "an error 3")
+def test_list_into_a_reader_that_goes_away_stops_quietly_and_takes_nothing(env, queue, broker):
+    """`dead_letters.py list | head -2`: exit 141 (as a process that SIGPIPE ends), no error, no traceback.
+    2,000 dead tasks: more lines than a pipe holds, so that the reader's going away is seen."""
+    count = 2000
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        workqueue.declare_dead_letter_queue(connection, queue, "quorum")  # as the worker declares it
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for i in range(count):
+            headers = {"x-original-queue": queue, "x-error": "boom " * 20, "x-retries": 0}
+            channel.basic_publish("", queue + ".dlq", f"dead {i}".encode(), pika.BasicProperties(headers=headers))
     with subprocess.Popen(
         [sys.executable, str(ROOT / "dead_letters.py"), "list", "--queue", queue],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     ) as lister:  # fmt: skip
         first = [lister.stdout.readline() for _ in range(2)]
         lister.stdout.close()  # as head does after its lines
-        assert lister.wait(timeout=30) == 141
+        assert lister.wait(timeout=60) == 141
         assert lister.stderr.read() == ""
-    assert first[0].startswith("   1  'an error 1'")
-    wait_for_counts(broker, queue + ".dlq", 3, 0)  # nothing taken
+    assert first[0].startswith("   1  'dead 0'")
+    wait_for_counts(broker, queue + ".dlq", count, 0)  # nothing taken
 
 
 def test_replay_puts_dead_tasks_back_with_a_fresh_count(env, queue, start, broker, tmp_path):

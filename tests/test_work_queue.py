@@ -267,7 +267,7 @@ def test_messages_the_broker_keeps_refusing_exit_6(env, queue, broker):
     assert result.returncode == 6
     warning, error = result.stderr.splitlines()  # the retries are announced once, then one error line
     assert warning == "[!] the broker refused (nacked) messages; sending them again on a new connection"
-    assert error == "new_task.py: error: 2 of 3 message(s) not taken by the broker (2 nacked, 0 unroutable)"
+    assert error == "new_task.py: error: 2 of 3 messages not taken by the broker (2 nacked, 0 unroutable)"
     run_script("delete_queue.py", queue, env=env)
 
 
