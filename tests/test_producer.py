@@ -148,8 +148,24 @@ def test_an_unreachable_broker_raises_within_the_timeout_with_why(queue):
             producer.send("x")
         waited = time.monotonic() - started
         assert 2 <= waited < 4, waited
+        closing = time.monotonic()
+    assert time.monotonic() - closing < 2, "close() waited for a broker with nothing to send"
     text = str(unreachable.value)
     assert f"cannot reach 127.0.0.1:{port}" in text and "not sent" in text and "Secret" not in text
+
+    async def many() -> None:
+        async with AsyncProducer(f"amqp://guest:Secret@127.0.0.1:{port}/", queue, timeout=2) as producer:
+            await producer.send_many(["a", "b"])
+
+    with pytest.raises(workqueue.BrokerUnreachable, match=f"cannot reach 127.0.0.1:{port}") as unreachable:
+        asyncio.run(many())
+    assert unreachable.value.task_ids == [] and "Secret" not in str(unreachable.value)
+
+
+def test_a_password_with_a_raw_comma_is_refused_without_showing_any_of_it():
+    with pytest.raises(workqueue.UsageError, match="not a URL after a comma") as refused:
+        Producer("amqp://guest:Zq,Xw9@localhost/")
+    assert "Xw9" not in str(refused.value) and "Zq" not in str(refused.value)
 
 
 def test_a_long_bulk_send_keeps_the_order_and_gives_every_task_its_id(queue, broker):

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+import select
 import signal
 import ssl
 import sys
@@ -253,13 +254,19 @@ def broker_urls(cli_urls: list[str] | None) -> list[str]:
     """--url values, else the comma-separated URLs in AMQP_URL, else the local default."""
     if cli_urls:
         return cli_urls
-    from_env = [u.strip() for u in os.environ.get("AMQP_URL", "").split(",") if u.strip()]
-    if any(not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url) for url in from_env):  # echo none of it: a password?
+    return split_urls(os.environ.get("AMQP_URL", ""), "AMQP_URL") or [DEFAULT_URL]
+
+
+def split_urls(text: str, where_from: str) -> list[str]:
+    """The comma-separated URLs of a cluster; a part that is no URL is refused, and none of it echoed (a
+    password with a raw comma in it would be cut in two, and half of it shown)."""
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    if any(not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url) for url in urls):
         raise UsageError(
-            "AMQP_URL holds something that is not a URL after a comma (commas separate the URLs of a cluster); "
+            f"{where_from} holds something that is not a URL after a comma (commas separate the URLs of a cluster); "
             "if a password holds a comma, write it as %2C"
         )
-    return from_env or [DEFAULT_URL]
+    return urls
 
 
 def connection_parameters(url: str) -> pika.URLParameters:
@@ -601,6 +608,22 @@ def setup_logging(label: str = "") -> None:
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # we report connection trouble ourselves
 
 
+def stdout_is_broken() -> bool:
+    """Whether standard output's reader went away; if so, it is pointed at /dev/null, so that Python's own
+    flush at exit does not fail again."""
+    try:
+        descriptor = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(descriptor, select.POLLOUT)
+        broken = any(events & select.POLLERR for _, events in poller.poll(0))  # a pipe whose reader closed it
+    except (OSError, ValueError, AttributeError):
+        return False
+    if broken:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), descriptor)
+    return broken
+
+
 def run(main: Callable[[], int]) -> None:
     """Run a script's main(): errors become one line on stderr and an exit code."""
     prog = os.path.basename(sys.argv[0])
@@ -625,10 +648,12 @@ def run(main: Callable[[], int]) -> None:
             code = EXIT_UNREACHABLE
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
-    except BrokenPipeError:  # `... | head`: the reader has what it wanted; say nothing more, as `cat` would
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
-        code = 128 + signal.SIGPIPE
+    except BrokenPipeError as error:  # `... | head`: the reader has what it wanted; say no more, as `cat` would
+        if stdout_is_broken():
+            code = 128 + signal.SIGPIPE
+        else:  # another pipe (a child process's): a fault like any other
+            print(f"{prog}: unexpected error: BrokenPipeError: {printable(describe(error))}", file=sys.stderr)
+            code = EXIT_UNEXPECTED
     except Exception as error:
         print(
             f"{prog}: unexpected error: {type(error).__name__}: {printable(describe(error))}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import queue
@@ -148,6 +149,7 @@ class Outbox:
     def take(self) -> Message:
         """The message peek() showed is published now: it waits for its confirm under the next tag."""
         message, self.next = self.next, None
+        message.returned = False  # (returned on an earlier connection, its ack lost: this time may differ)
         self.resent += self.next_again
         self.last_tag += 1
         self.unconfirmed[self.last_tag] = message
@@ -235,9 +237,9 @@ class Publisher:
     `connect_timeout` seconds without a connection (RECONNECT_FOR after a drop); a Producer's
     publisher (`forever`) never does: each sender has its own timeout.
 
-    Threads: run()'s thread owns everything here and in the Session. The one call from another
-    thread is wake(), which only asks the ioloop to call publish_more; one ioloop serves each
-    session in turn, so a wake always reaches the current one.
+    Threads: run()'s thread owns everything here and in the Session. The calls from another thread
+    are wake() and stop(), which only ask the ioloop to call publish_more (or drop the connection);
+    one ioloop serves each session in turn, so a wake always reaches the current one.
     """
 
     def __init__(self, *, urls, queue, queue_type, outbox, connect_timeout, show_progress=False, forever=False):
@@ -412,8 +414,9 @@ class Session:
         """Drop the connection at once (a close the broker never answers, a Producer that stops waiting)."""
         if self.connection.is_closed:
             self.ioloop.stop()
-        else:
+        elif self.connection.is_open or self.connection.is_closing:
             abandon(self.connection, why)
+        # (still connecting: that attempt ends by itself, and run() starts no other)
 
     def on_blocked(self, _connection, frame):
         """A memory or disk alarm: the broker takes nothing until it lifts. Wait, no drop, no resend."""
@@ -615,10 +618,17 @@ class Producer:
     none lost, and none sent twice unless a connection dropped between the broker's taking it and its
     confirm (the same as new_task.py).
 
+    Known limits: a task the broker will never take (past its max_message_size) closes the channel, and
+    every task then waiting fails with it; a queue deleted under a Producer makes its tasks unroutable
+    (NotConfirmed) until the next connection declares it again. A task's timestamp and due time are set
+    when it is sent, not when it is published (after an outage, a delayed task is due that much earlier).
+
     Threads: a thread of the Producer's own owns the connection and everything in the Publisher.
-    Senders touch only `source` (a SimpleQueue, thread-safe) under `lock` (so that nothing is put after
-    close() put END), the ioloop's add_callback_threadsafe (pika's one thread-safe call), and their own
-    concurrent.futures.Future, which the connection's thread resolves.
+    Senders touch `source` (a SimpleQueue, thread-safe) and `unsettled` under `lock` (so that nothing is
+    put after close() put END), the ioloop's add_callback_threadsafe through wake() and stop() (pika's one
+    thread-safe call), and their own concurrent.futures.Future, which the connection's thread resolves.
+    On a timeout they read the publisher's `connected`, `last_error`, `last_fatal` and `session.blocked`:
+    each one assignment of the connection's thread, read whole, for the error's words only.
     """
 
     def __init__(
@@ -630,7 +640,9 @@ class Producer:
         timeout: float = SEND_TIMEOUT,
         persistent: bool = True,
     ):
-        urls = workqueue.broker_urls(url.split(",") if url else None)
+        urls = workqueue.split_urls(url, "url") if url else workqueue.broker_urls(None)
+        if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+            raise ValueError(f"timeout must be a number of seconds above 0, not {timeout!r}")
         for each in urls:
             workqueue.connection_parameters(each)  # a bad URL: a UsageError now, not at the first send
         try:
@@ -644,8 +656,9 @@ class Producer:
         self.timeout = timeout
         self.persistent = persistent
         self.source: queue_module.SimpleQueue = queue_module.SimpleQueue()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # over `closed` and `unsettled`, and the put of a batch into `source`
         self.closed = False
+        self.unsettled = 0  # tasks sent whose future is not done yet
         self.outbox = Outbox(self.source)
         self.publisher = Publisher(
             urls=urls, queue=queue, queue_type=queue_type, outbox=self.outbox, connect_timeout=0, forever=True
@@ -662,11 +675,17 @@ class Producer:
     def send(self, body: bytes | str, delay: float | timedelta | None = None, priority=None, timeout=None) -> str:
         """Send one task; its id once the broker has confirmed it (see the class for errors)."""
         future = self.submit(body, delay=delay, priority=priority)
-        seconds = self.timeout if timeout is None else timeout
+        return self.result(future, self.timeout if timeout is None else timeout)
+
+    def result(self, future: concurrent.futures.Future, seconds: float) -> str:
+        """A send's task id within `seconds`, or its error (see timed_out)."""
         try:
             return future.result(seconds)
         except concurrent.futures.TimeoutError:
-            raise self.timed_out(future, seconds) from None
+            error = self.timed_out(future, seconds)
+            if error is None:  # it settled just now, after all
+                return future.result(0)
+            raise error from None
 
     def send_many(
         self, bodies: Iterable[bytes | str], delay: float | timedelta | None = None, priority=None, timeout=None
@@ -684,11 +703,9 @@ class Producer:
             while len(in_flight) > down_to:
                 future = in_flight[0]
                 try:
-                    ids.append(future.result(max(0.0, deadline - time.monotonic())))
-                except concurrent.futures.TimeoutError:
-                    error = self.timed_out(future, seconds)
-                except workqueue.WorkQueueError as refused:
-                    error = refused
+                    ids.append(self.result(future, max(0.0, deadline - time.monotonic())))
+                except workqueue.WorkQueueError as failed:
+                    error = failed
                 else:
                     in_flight.popleft()
                     continue
@@ -726,13 +743,25 @@ class Producer:
             with self.lock:
                 if self.closed:
                     raise workqueue.WorkQueueError("this Producer is closed")
+                if not self.thread.is_alive():  # its connection's thread failed (a bug of ours): say so at once
+                    raise self.publisher.last_fatal or workqueue.WorkQueueError("the producer's thread has ended")
+                self.unsettled += len(batch)
                 self.source.put(batch)
+            for each in batch:  # (outside the lock: a callback of a future done already runs here and now)
+                each.future.add_done_callback(self._settled)
             self.publisher.wake()
         return [each.future for each in batch]
 
-    def timed_out(self, future: concurrent.futures.Future, seconds: float) -> workqueue.WorkQueueError:
-        """The error for a send that had no confirm within `seconds`; withdraws the task if not yet published."""
+    def _settled(self, _future: concurrent.futures.Future) -> None:
+        with self.lock:
+            self.unsettled -= 1
+
+    def timed_out(self, future: concurrent.futures.Future, seconds: float) -> workqueue.WorkQueueError | None:
+        """The error for a send that had no confirm within `seconds`, withdrawing the task if it was not yet
+        published; None if it settled meanwhile (a confirm that came as the wait ended)."""
         withdrawn = future.cancel()  # not yet published: now it never is
+        if not withdrawn and future.done():
+            return None
         fate = "not sent" if withdrawn else "it may still arrive"
         publisher = self.publisher
         if publisher.connected:
@@ -750,7 +779,10 @@ class Producer:
                 return
             self.closed = True
             self.source.put(END)
+            nothing_to_send = self.unsettled == 0
         self.publisher.wake()
+        if nothing_to_send and not self.publisher.connected:  # no broker, nothing to wait for it to confirm
+            self.publisher.stop()
         self.thread.join(self.timeout if timeout is None else timeout)
         if self.thread.is_alive():  # the broker is gone, or never confirms: stop waiting
             self.publisher.stop()
@@ -788,21 +820,20 @@ class AsyncProducer:
     async def send(self, body: bytes | str, delay=None, priority=None, timeout=None) -> str:
         future = self.producer.submit(body, delay=delay, priority=priority)
         seconds = self.producer.timeout if timeout is None else timeout
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), seconds)
+        waiting = asyncio.wrap_future(future)
+        try:  # (shielded: timed_out() decides whether the task can still be withdrawn)
+            return await asyncio.wait_for(asyncio.shield(waiting), seconds)
         except asyncio.TimeoutError:
-            raise self.producer.timed_out(future, seconds) from None
+            waiting.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
+            error = self.producer.timed_out(future, seconds)
+            if error is None:  # it settled just now, after all
+                return future.result(0)
+            raise error from None
 
     async def send_many(self, bodies: Iterable[bytes | str], delay=None, priority=None, timeout=None) -> list[str]:
-        """Many tasks, their confirms pipelined (keep a batch to what fits in memory); their ids, in order."""
-        futures = self.producer.submit_many(bodies, delay=delay, priority=priority)
-        seconds = self.producer.timeout if timeout is None else timeout
-        waiting = asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
-        try:
-            return list(await asyncio.wait_for(waiting, seconds))
-        except asyncio.TimeoutError:
-            errors = [self.producer.timed_out(future, seconds) for future in futures if not future.done()]
-            raise (errors[0] if errors else workqueue.NotConfirmed(f"not confirmed within {seconds:g}s")) from None
+        """Producer.send_many() in a thread of the loop's executor: the same pipelining, ids and errors."""
+        send = functools.partial(self.producer.send_many, list(bodies), delay, priority, timeout)
+        return await asyncio.get_running_loop().run_in_executor(None, send)
 
     async def close(self, timeout: float | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.producer.close, timeout)

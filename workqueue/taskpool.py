@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import functools
 import hashlib
 import importlib
 import os
@@ -94,7 +95,7 @@ class Delivery:
     def identity(self) -> str:
         return message_identity(self.properties, self.body)
 
-    @property
+    @functools.cached_property  # (a derived one hashes the body)
     def task_id(self) -> str:
         """Its id: the producer's message_id (workqueue.Producer and new_task.py set one), else one made for
         this delivery (a task from another producer, the tutorial's say), which its retries and dead letter
