@@ -195,6 +195,14 @@ class Lab:
                 raise RuntimeError("the workers did not finish in time")
             time.sleep(0.1)
 
+    def clean_up(self) -> None:
+        """After the experiment: its workers killed, its queues gone."""
+        for worker in self.workers:
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+                worker.proc.wait(timeout=10)
+        self.delete_queues()
+
     def delete_queues(self, *queues: str) -> None:
         with pika.BlockingConnection(workqueue.connection_parameters(self.url)) as connection:
             channel = connection.channel()
@@ -763,11 +771,7 @@ def main() -> int:
                 if args.json:
                     print(json.dumps({"experiment": name, **result.__dict__}), flush=True)
             finally:
-                for worker in lab.workers:
-                    if worker.proc.poll() is None:
-                        worker.proc.kill()
-                        worker.proc.wait(timeout=10)
-                lab.delete_queues()
+                lab.clean_up()
     finally:
         if node:
             node.destroy()

@@ -245,7 +245,7 @@ def main() -> int:
         if publisher.show_progress:
             sys.stderr.write("\r\033[K")
         unconfirmed = len(outbox.unconfirmed)
-        maybe = f"; {unconfirmed:,} more sent, not confirmed" if unconfirmed else ""
+        maybe = f"; {unconfirmed:,} more sent, not confirmed (they may still arrive)" if unconfirmed else ""
         print(f"new_task.py: interrupted: {workqueue.plural(outbox.confirmed, 'message')} confirmed{maybe}",
               file=sys.stderr)  # fmt: skip
         raise

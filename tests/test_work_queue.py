@@ -594,9 +594,5 @@ def test_the_manual_ack_experiment_never_reports_a_loss_that_did_not_happen(brok
     try:
         result, verdict = exercises.manual_ack_redelivers(lab)
     finally:
-        for worker in lab.workers:
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-                worker.proc.wait(timeout=10)
-        lab.delete_queues()
+        lab.clean_up()
     assert (result.lost, result.done) == (0, 12), f"{verdict}\n{exercises.timeline(lab)}"
