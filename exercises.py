@@ -39,6 +39,14 @@ HERE = Path(__file__).resolve().parent
 
 # --- Running the scripts --------------------------------------------------------------
 
+PRINTING = threading.Lock()  # each worker's reader thread and the experiment print lines: whole, one at a time
+
+
+def show(line: str) -> None:
+    with PRINTING:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
 
 class Worker:
     """A worker.py process; each line it prints is kept with the time it arrived."""
@@ -67,7 +75,7 @@ class Worker:
                 self.events.append((self.lab.now(), line))
                 self.changed.notify_all()
             if self.lab.verbose:
-                print(f"{self.lab.now():6.1f}s  {line}", flush=True)
+                show(f"{self.lab.now():6.1f}s  {line}")
 
     def wait_for(self, pattern: str, count: int = 1, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -92,9 +100,9 @@ class Worker:
     def spans(self) -> list[tuple[float, float | None, str, bool, str]]:
         """(start, end or None if never finished, task, redelivered, thread) for each task it started.
 
-        A task thread prints Received as it starts a task, the connection's thread prints Done
-        after the ack, so lines of two tasks can interleave. With --concurrency the lines name
-        the thread (w1/2): each thread gets a row of its own in the timeline."""
+        A task thread prints Received as it starts a task, the connection's thread prints Done after the
+        ack, so lines of tasks of several threads interleave. With --concurrency the lines name the thread
+        (w1/2): each thread gets a row of its own in the timeline."""
         spans, running = [], {}
         for at, line in self.events:
             thread = line.split(" ", 1)[0]
@@ -131,7 +139,7 @@ class Lab:
     def note(self, text: str) -> None:
         self.notes.append((self.now(), text))
         if self.verbose:
-            print(f"{self.now():6.1f}s  -- {text}", flush=True)
+            show(f"{self.now():6.1f}s  -- {text}")
 
     def worker(self, name: str, *args: str, wait: bool = True) -> Worker:
         delays = args[args.index("--retry-delays") + 1] if "--retry-delays" in args else policy.DEFAULT_RETRY_DELAYS
@@ -266,28 +274,36 @@ def timeline(lab: Lab, width: int = 64) -> str:
         return min(max(int((at - origin) / span_seconds * (width - 1)), 0), width - 1)
 
     colour = use_colour()
-    label_width = max([3] + [len(span[4]) for worker in lab.workers for span in worker.spans()])
-    rows = []
+    # A row per worker name (a worker started again under its name, as a service manager would, goes on in
+    # the same row), or per thread of it with --concurrency: (span, the worker process it ran in), and kills.
+    lanes: dict[str, tuple[list, list[float]]] = {}
     for worker in lab.workers:
-        spans = sorted(worker.spans(), key=lambda span: span[0])
-        for thread in sorted({span[4] for span in spans}) or [worker.name]:  # a row per thread of a worker
-            cells = [" "] * width
-            free = 0  # the first cell not taken by an earlier task of this row
-            for start, stop, task, again, _ in (span for span in spans if span[4] == thread):
-                first = min(max(column(start), free), width - 1)
-                last = column(stop if stop is not None else worker.killed_at or end)
-                free = max(last, first + 1)
-                mark = letter.get(task, "?")
-                mark = mark.lower() if again else mark
-                for col in range(first, max(last, first + 1)):
-                    cell = mark if stop is not None else "?"
-                    if colour:
-                        code = COLOURS[tasks.index(task) % len(COLOURS)] if task in tasks else 0
-                        cell = f"\033[{code}m{cell}\033[0m"
-                    cells[col] = cell
+        spans = worker.spans()
+        for thread in sorted({span[4] for span in spans}) or [worker.name]:
+            lane_spans, lane_kills = lanes.setdefault(thread, ([], []))
+            lane_spans += [(span, worker) for span in spans if span[4] == thread]
             if worker.killed_at is not None:
-                cells[column(worker.killed_at)] = "X"
-            rows.append(f"  {thread:>{label_width}} |{''.join(cells)}|")
+                lane_kills.append(worker.killed_at)
+    label_width = max([3, *map(len, lanes)])
+    rows = []
+    for thread, (lane_spans, lane_kills) in lanes.items():
+        cells = [" "] * width
+        free = 0  # the first cell not taken by an earlier task of this row
+        for (start, stop, task, again, _), worker in sorted(lane_spans, key=lambda each: each[0][0]):
+            first = min(max(column(start), free), width - 1)
+            last = column(stop if stop is not None else worker.killed_at or end)
+            free = max(last, first + 1)
+            mark = letter.get(task, "?")
+            mark = mark.lower() if again else mark
+            for col in range(first, max(last, first + 1)):
+                cell = mark if stop is not None else "?"
+                if colour:
+                    code = COLOURS[tasks.index(task) % len(COLOURS)] if task in tasks else 0
+                    cell = f"\033[{code}m{cell}\033[0m"
+                cells[col] = cell
+        for killed_at in lane_kills:
+            cells[column(killed_at)] = "X"
+        rows.append(f"  {thread:>{label_width}} |{''.join(cells)}|")
     left, right = f"{origin:.1f}s", f"{end:.1f}s"  # under the first and the last cell
     ticks = f"  {'':>{label_width}}  {left}{'':{width - len(left) - len(right)}}{right}"
     legend = [f"{letter[t]}={t}" for t in tasks]
@@ -297,11 +313,11 @@ def timeline(lab: Lab, width: int = 64) -> str:
 
 
 def show_counts(lab: Lab, when: str, queues: list[str] | None = None) -> None:
-    print(f"\n  queues {when} (rabbitmqctl list_queues name messages_ready messages_unacknowledged):")
+    show(f"\n  queues {when} (rabbitmqctl list_queues name messages_ready messages_unacknowledged):")
     for queue in queues or [lab.queue]:
         counts = lab.counts(queue)
         shown = "(no such queue)" if counts is None else "\t".join(str(c) if c >= 0 else "?" for c in counts)
-        print(f"  {queue}\t{shown}")
+        show(f"  {queue}\t{shown}")
 
 
 # --- The experiments -------------------------------------------------------------------

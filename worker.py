@@ -130,10 +130,11 @@ class Consumer:
         # The work queue, its dead-letter queue, and the wait queues where a failed task waits until the
         # broker moves it back: durable, as in the tutorial.
         self.wait_queues = wait_queues(self.args)  # {name: delay}
-        queues = (self.args.queue, workqueue.dead_letter_queue(self.args.queue), *self.wait_queues)
-        for name in queues:
-            self.declare(connection, name)
-        self.channel.basic_qos(prefetch_count=self.args.prefetch)  # at most N unacked tasks at this worker
+        with workqueue.short_channel(connection) as channel:  # one channel for these: a refusal ends the worker
+            for name in (self.args.queue, *self.wait_queues):
+                channel.queue_declare(queue=name, durable=True, arguments=self.arguments(name))
+        workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)
+        self.channel.basic_qos(prefetch_count=worker.prefetch())  # at most N unacked tasks at this worker
         self.channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
         self.channel.add_on_cancel_callback(self.on_cancelled_by_broker)
 
@@ -198,6 +199,7 @@ class Consumer:
             self.worker.metrics.settled("timed_out", delivery)  # counted once, whatever becomes of the task
         decision = self.decide(delivery, result.outcome, why=result.why)
         self.settle(delivery, decision, result.why, seconds=result.seconds, thread=result.thread)
+        self.worker.console.said(delivery)  # its thread's next Received line, if it waited for this one's
         self.close_if_idle()
 
     def decide(self, delivery: Delivery, outcome: Outcome | None, **facts) -> policy.Decision:
@@ -449,12 +451,13 @@ class Consumer:
             workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)
             return
         with workqueue.short_channel(connection) as channel:
-            if name in self.wait_queues:
-                delay = self.wait_queues[name]
-                arguments = workqueue.wait_queue_arguments(self.args.queue, self.args.queue_type, delay)
-            else:
-                arguments = workqueue.queue_arguments(self.args.queue_type)
-            channel.queue_declare(queue=name, durable=True, arguments=arguments)
+            channel.queue_declare(queue=name, durable=True, arguments=self.arguments(name))
+
+    def arguments(self, name: str) -> dict:
+        """The declaration arguments of the work queue or one of its wait queues."""
+        if name in self.wait_queues:
+            return workqueue.wait_queue_arguments(self.args.queue, self.args.queue_type, self.wait_queues[name])
+        return workqueue.queue_arguments(self.args.queue_type)
 
     def running(self) -> int:
         return sum(1 for delivery in self.in_hand if delivery.state is TaskState.RUNNING)
@@ -493,6 +496,7 @@ class Worker:
         self.args = args
         self.tasks = tasks
         self.metrics = metrics
+        self.console = console
         self.say = console.say
         self.shutdown = shutdown
         self.options = policy.Options(args.max_retries, tuple(args.retry_delays), args.auto_ack)
@@ -513,7 +517,9 @@ class Worker:
         urls = workqueue.broker_urls(self.args.url)
         retry_for = self.args.connect_timeout
         backoff = workqueue.Backoff()
-        while not self.shutdown.asked and not self.took_enough():  # (a drop before a start gives a task back)
+        # Until stopped or --max-tasks reached (a drop before a start gives a task back); --max-tasks 0 connects
+        # once, to declare the queues and take nothing.
+        while not self.shutdown.asked and (self.args.max_tasks == 0 or not self.took_enough()):
             connected = workqueue.connect(urls, retry_for, should_stop=lambda: self.shutdown.asked)
             if connected is None:
                 break
@@ -563,6 +569,15 @@ class Worker:
                 return
             else:
                 return
+
+    def prefetch(self) -> int:
+        """--prefetch, but never more than --max-tasks has left to start: a task the broker sends past the last
+        one would go back unrun (pika rejects what it holds when the consumer is cancelled), and every
+        release counts a reject toward the task's returns."""
+        if self.args.max_tasks is None:
+            return self.args.prefetch
+        left = max(self.args.max_tasks - self.started, 1)
+        return min(self.args.prefetch, left) if self.args.prefetch else left  # (0 is no limit)
 
     def took_enough(self) -> bool:
         return self.args.max_tasks is not None and self.started >= self.args.max_tasks

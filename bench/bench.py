@@ -39,6 +39,9 @@ import workqueue  # noqa: E402
 BENCH = ROOT / "bench"
 PY = sys.executable
 UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1"}  # every line as it is printed, for every worker
+# Python's default, bytecode cached: with PYTHONDONTWRITEBYTECODE set (some CI and container images set it),
+# every start compiles a script's own modules again (workqueue/: about 15 ms), which no installed copy does.
+UNBUFFERED.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 # Runs a command and reports its time and peak RSS. A small process of its own, because Linux

@@ -86,7 +86,7 @@ def test_killing_the_connected_node_loses_no_confirmed_task(cluster, env, tmp_pa
 
 def test_tasks_held_at_a_lost_node_come_back_to_the_survivors(cluster, env):
     """RabbitMQ 4.3 keeps the tasks that consumers on a lost node held for consumer-disconnected-timeout
-    (60 s by default; 3.10 and 4.0 return them at once): the README's policy makes it 5 s here."""
+    (60 s by default; 3.10 and 4.0 return them at once): the policy of docs/reliability.md makes it 5 s here."""
     first, second, _ = cluster.nodes
     if not first.pid() or not Path(f"/proc/{first.pid()}").exists():
         first.start()  # the test before leaves it running; start it if that one failed early

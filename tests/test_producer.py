@@ -179,15 +179,15 @@ def test_a_long_bulk_send_keeps_the_order_and_gives_every_task_its_id(queue, bro
 
 
 def readme_example(first_line: str) -> str:
-    """The README's python example that starts with `first_line`."""
-    examples = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    """The python example of docs/production.md that starts with `first_line`."""
+    examples = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "production.md").read_text(), re.DOTALL)
     [example] = [code for code in examples if code.startswith(first_line)]
     return example
 
 
 @pytest.fixture
 def default_queue(broker):
-    """The README's examples send to task_queue: empty before, and gone after (with its delay queue)."""
+    """The examples send to task_queue: empty before, and gone after (with its delay queue)."""
 
     def remove() -> None:
         with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:

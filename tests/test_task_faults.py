@@ -120,7 +120,7 @@ def test_a_task_that_kills_the_worker_kills_it_once_then_runs_in_a_child(env, qu
 
 
 # A task that came back without an ack was not necessarily the cause: the worker may have died of another
-# task, or handed it back unstarted. Each release counts some of these in x-delivery-count (the README's
+# task, or handed it back unstarted. Each release counts some of these in x-delivery-count (docs/reliability.md's
 # table); none of them may count against the task as a failure. Each test below has --max-retries 0, where
 # a single count would dead-letter it (as it did before: the crash-loop guard read --max-retries).
 
@@ -165,6 +165,22 @@ def test_tasks_left_over_at_max_tasks_run_and_are_not_dead_lettered(env, queue, 
     wait_for_counts(broker, queue, 0, 0)
     assert dead_letters(broker, queue) == [], w3.output
     assert len(done_tasks(w3)) == 3
+
+
+@pytest.mark.queue_semantics
+def test_a_recycled_worker_takes_no_more_than_it_will_start_so_nothing_goes_back(env, queue, start, broker):
+    """--max-tasks 1 --prefetch 5, four times over a backlog (a worker recycled after every task): each asks the
+    broker for one task at a time, so none is sent back unrun (pika rejected four each time, and every
+    release counts a reject toward the delivery limit and the crash-loop guard)."""
+    publish(env, queue, *(f"task{n}" for n in range(1, 11)))
+    for run in range(1, 5):
+        worker = start_worker(start, queue, "--max-tasks", "1", "--prefetch", "5", name=f"r{run}")
+        assert worker.wait() == 0
+        assert worker.count(r"Received '") == 1, worker.output
+    wait_for_counts(broker, queue, 6, 0)
+    left = get_all(broker, queue)
+    assert [body for body, _ in left] == [f"task{n}".encode() for n in range(5, 11)]
+    assert [headers.get("x-delivery-count", 0) for _, headers in left] == [0] * 6, left
 
 
 # --- 3. Retries that wait ------------------------------------------------------------------

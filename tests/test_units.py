@@ -19,6 +19,7 @@ import pika
 import pytest
 
 import bench
+import exercises
 import new_task
 import workqueue
 from new_task import LineReader
@@ -77,9 +78,31 @@ def test_queue_mismatch_says_what_differs_and_how_to_fix_it():
     assert mismatch.exit_code == workqueue.EXIT_QUEUE_MISMATCH
     assert str(mismatch) == (
         "queue 'task_queue' already exists with other arguments (x-queue-type is 'quorum', not 'classic'); "
-        "use the matching --queue-type, or remove it with: python delete_queue.py task_queue"
+        "use --queue-type quorum, or remove it with: python delete_queue.py task_queue"
     )
     assert not workqueue.is_connection_lost(error)
+
+
+def test_a_classic_queue_of_an_older_tutorial_is_named_with_the_option_that_fits_it():
+    # What RabbitMQ 3.10 and 4.x say when the tutorial's old classic task_queue (declared with no arguments)
+    # meets a quorum declaration, and the other way round.
+    error = pika.exceptions.ChannelClosedByBroker(
+        406,
+        "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'task_queue' in vhost '/': "
+        "received the value 'quorum' of type 'longstr' but current is none",
+    )
+    assert str(workqueue.mismatch_from(error)) == (
+        "queue 'task_queue' already exists with other arguments (x-queue-type is not set: a classic queue, "
+        "as an older tutorial made it; not 'quorum'); use --queue-type classic, or remove it with: "
+        "python delete_queue.py task_queue"
+    )
+    error = pika.exceptions.ChannelClosedByBroker(
+        406,
+        "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': "
+        "received the value 'classic' of type 'longstr' but current is the value 'quorum' of type 'longstr'",
+    )
+    mismatch = str(workqueue.mismatch_from(error))
+    assert "(x-queue-type is 'quorum', not 'classic'); use --queue-type quorum, or" in mismatch
 
 
 def test_login_errors_are_not_retried_but_lost_connections_are():
@@ -360,10 +383,12 @@ def test_backoff_doubles_to_five_seconds_and_resets():
     assert backoff.next() == 0.25
 
 
-def test_the_readmes_python_examples_pass_the_projects_lint(tmp_path):
-    """A user saves the README's mytasks.py in the repository: `./run.sh lint` must still pass."""
-    examples = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
-    assert examples
+def test_the_documents_python_examples_pass_the_projects_lint(tmp_path):
+    """A user saves the README's mytasks.py (or docs/production.md's app.py) in the repository: `./run.sh lint`
+    must still pass."""
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    examples = [code for doc in documents for code in re.findall(r"```python\n(.*?)```", doc.read_text(), re.DOTALL)]
+    assert len(examples) >= 3
     for number, code in enumerate(examples):
         (tmp_path / f"example{number}.py").write_text(code)
     config = str(ROOT / "pyproject.toml")
@@ -521,7 +546,7 @@ def test_wait_queues_are_declared_for_the_delays_that_can_be_reached():
     assert policy.wait_delays([0.0, 5.0], 4) == [5.0]  # 0 = at once: no wait queue
 
 
-# The decision for each delivery (policy.decide), with the headers each RabbitMQ release writes (the README's
+# The decision for each delivery (policy.decide), with the headers each RabbitMQ release writes (docs/reliability.md's
 # "RabbitMQ versions" table): (release, headers, outcome, the worker's state, options, what it does).
 FIRST = {"3.10": {"x-delivery-count": 0}, "4.0": None, "4.3": None}  # a first delivery
 D, F, NS, C = policy.Outcome.DONE, policy.Outcome.FAILED, policy.Outcome.NOT_STARTED, policy.Outcome.CRASHED
@@ -717,3 +742,25 @@ def test_run_sh_names_every_entry_point_and_refuses_a_release_it_does_not_know()
     )
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith("run.sh: unknown RabbitMQ release '5.0': choose system, 4.0 or 4.3")
+
+
+def test_a_worker_started_again_under_its_name_goes_on_in_its_row_of_the_timeline(monkeypatch):
+    """The delay experiment stops w1 and starts it again: one w1 row with its tasks, not an empty one above it."""
+
+    class Stub:  # an exercises.Worker as timeline() reads it: its name, its task spans, when it was killed
+        def __init__(self, name, spans, killed_at=None):
+            self.name, self.killed_at, self._spans = name, killed_at, spans
+
+        def spans(self):
+            return self._spans
+
+    lab = exercises.Lab(url="amqp://", queue="q", dot_seconds=0.1, node=None, sent=["a", "b"])
+    lab.workers = [Stub("w1", []), Stub("w1", [(1.0, 2.0, "a", False, "w1"), (2.0, 3.0, "b", False, "w1")])]
+    monkeypatch.setattr(lab, "now", lambda: 3.0)
+    monkeypatch.setattr(exercises, "use_colour", lambda: False)
+    rows = [line for line in exercises.timeline(lab, width=20).splitlines() if "|" in line]
+    assert len(rows) == 1 and rows[0].startswith("   w1 |AAAAAAAAA"), rows
+    killed = Stub("w2", [(1.0, None, "a", False, "w2")], killed_at=2.0)
+    lab.workers = [killed, Stub("w2", [(2.5, 3.0, "b", True, "w2")])]
+    [row] = [line for line in exercises.timeline(lab, width=20).splitlines() if "|" in line]
+    assert "X" in row and "b" in row and "?" in row, row  # its death, then the redelivered task in the same row

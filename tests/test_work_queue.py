@@ -14,6 +14,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+import pika
 import pytest
 from conftest import get_all, publish, ready_count, run_script, start_worker, wait_for_counts, wait_until
 
@@ -251,6 +252,24 @@ def test_queue_declared_with_another_type_exits_5_with_the_fix(env, queue, scrip
         "x-queue-type is 'quorum', not 'classic'",
         f"python delete_queue.py {queue}",
     )
+
+
+@pytest.mark.parametrize("script", ["new_task.py", "worker.py"])
+def test_an_older_tutorials_classic_queue_is_named_and_classic_works_on_it(env, queue, broker, script):
+    """The README's word to people with an older copy of the tutorial: its task_queue is classic (durable, no
+    arguments); ours says so, exit 5, and --queue-type classic works on it."""
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        connection.channel().queue_declare(queue=queue, durable=True)  # as the tutorial's scripts did
+    result = run_script(script, "--queue", queue, env=env, timeout=20)
+    assert_one_line_error(
+        result,
+        5,
+        "x-queue-type is not set: a classic queue, as an older tutorial made it; not 'quorum'",
+        "use --queue-type classic",
+    )
+    publish(env, queue, "on the old queue.", extra=("--queue-type", "classic"))
+    done = run_script("worker.py", "--queue", queue, "--queue-type", "classic", "--max-tasks", "1", env=env)
+    assert done.returncode == 0 and "Done 'on the old queue.'" in done.stdout, done.stderr
 
 
 def test_messages_the_broker_keeps_refusing_exit_6(env, queue, broker):
@@ -506,12 +525,18 @@ def test_bad_values_are_usage_errors_naming_the_value(env, script, args, extra_e
     assert named in result.stderr.splitlines()[-1]
 
 
-def test_max_tasks_0_starts_nothing(env, queue, broker):
+def test_max_tasks_0_starts_nothing_but_declares_the_queues(env, queue, broker):
+    """--max-tasks 0 (a deploy's check that the worker can reach its broker and queues): connect, declare, take
+    nothing, exit 0; a queue declared with other arguments is exit 5, as for any worker."""
     publish(env, queue, "waiting")
     result = run_script("worker.py", "--queue", queue, "--max-tasks", "0", env=env, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "Received" not in result.stdout
     wait_for_counts(broker, queue, 1, 0)
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as connection:
+        connection.channel().queue_declare(queue=f"{queue}.dlq", passive=True)  # 404 unless the worker declared it
+    mismatched = run_script("worker.py", "--queue", queue, "--queue-type", "classic", "--max-tasks", "0", env=env)
+    assert mismatched.returncode == 5, mismatched.stderr
 
 
 def test_counts_of_one_are_singular(env, queue, broker):

@@ -172,6 +172,17 @@ def test_a_reconnect_at_prefetch_10_runs_no_stale_delivery(env, queue, start, br
 # --- --concurrency N ---------------------------------------------------------------------
 
 
+def test_a_tasks_done_line_comes_before_the_next_tasks_received_line(env, queue, start, broker):
+    """With more tasks held than threads, a thread starts its next task as soon as one ends: its lines must
+    still read in order, Done 'a' before Received 'b' (they came the other way round at the same instant)."""
+    tasks = [f"t{n}." for n in range(12)]
+    publish(env, queue, *tasks)
+    worker = start_worker(start, queue, "--prefetch", "12", "--max-tasks", "12", "--dot-seconds", "0.05")
+    assert worker.wait(timeout=60) == 0, worker.output
+    events = re.findall(r"\[x\] (Received|Done) '(t\d+\.)'", worker.output)
+    assert events == [(event, task) for task in tasks for event in ("Received", "Done")], worker.output
+
+
 def test_concurrency_runs_n_tasks_at_once(env, queue, start, broker):
     worker = start_worker(start, queue, "--concurrency", "3", "--dot-seconds", "1")
     tasks = ["a...", "b...", "c...", "d."]

@@ -22,6 +22,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pika
@@ -33,7 +34,7 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_QUEUE = "task_queue"
 QUEUE_TYPES = ("quorum", "classic")
 
-# Exit codes, the same for every script (the README has this table too).
+# Exit codes, the same for every script (docs/production.md has this table too).
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
@@ -104,7 +105,15 @@ def queue_mismatch(queue: str, broker_text: str, waiting: bool = False) -> Queue
     """Explain a 406 PRECONDITION_FAILED from queue_declare: what differs and how to fix it. `waiting`:
     a queue where tasks wait (a delay queue): remove it only once it is empty."""
     differs = re.search(r"inequivalent arg '([^']+)'.*received (.+) but current is (.+)", broker_text)
-    detail = f"{differs[1]} is {differs[3]}, not {differs[2]}" if differs else broker_text
+    detail, fix = broker_text, "the matching --queue-type"
+    if differs:
+        argument, ours, theirs = differs[1], argument_value(differs[2]), argument_value(differs[3])
+        detail = f"{argument} is {theirs}, not {ours}"
+        if argument == "x-queue-type":
+            kind = theirs.strip("'") if theirs != "not set" else "classic"
+            fix = f"--queue-type {kind}"
+            if theirs == "not set":  # the tutorial's classic task_queue, from before it moved to quorum queues
+                detail = f"{argument} is not set: a classic queue, as an older tutorial made it; not {ours}"
     if waiting:
         return QueueMismatch(
             f"queue '{queue}' already exists with other arguments ({detail}), made by another version; once "
@@ -112,8 +121,15 @@ def queue_mismatch(queue: str, broker_text: str, waiting: bool = False) -> Queue
         )
     return QueueMismatch(
         f"queue '{queue}' already exists with other arguments ({detail}); "
-        f"use the matching --queue-type, or remove it with: python delete_queue.py {queue}"
+        f"use {fix}, or remove it with: python delete_queue.py {queue}"
     )
+
+
+def argument_value(text: str) -> str:
+    """A queue argument's value as a 406 names it ("the value 'quorum' of type 'longstr'", "none"): 'quorum'."""
+    value = re.fullmatch(r"the value (.+) of type '\w+'", text.strip())
+    text = value[1] if value else text.strip()
+    return "not set" if text == "none" else text
 
 
 def mismatch_from(error: BaseException) -> QueueMismatch | None:
@@ -665,7 +681,19 @@ def run(main: Callable[[], int]) -> None:
 
 # --- For applications: send tasks (workqueue/producer.py) ----------------------------------
 
-from workqueue.producer import AsyncProducer, Producer  # noqa: E402 (it builds on everything above)
+if TYPE_CHECKING:  # for readers and type checkers: what __getattr__ below gives
+    from workqueue.producer import AsyncProducer, Producer
+
+
+def __getattr__(name: str):
+    """`from workqueue import Producer`: the producer's module is imported on first use, so that worker.py and
+    the other scripts, which never send this way, do not pay for it at every start."""
+    if name in ("Producer", "AsyncProducer"):
+        from workqueue import producer  # noqa: PLC0415 (it builds on everything above)
+
+        return getattr(producer, name)
+    raise AttributeError(f"module 'workqueue' has no attribute {name!r}")
+
 
 __all__ = [  # the library's API; the rest of this module is the scripts' plumbing
     "AccessRefused",

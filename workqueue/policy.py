@@ -35,7 +35,7 @@ DEFAULT_RETRY_DELAYS = "1,10,60"  # worker.py --retry-delays: seconds before ret
 class Returns(NamedTuple):
     """How often a quorum queue got this message back unsettled, from the headers it adds (classic queues: 0, 0).
 
-    RabbitMQ's versions count differently (the README has the table):
+    RabbitMQ's versions count differently (docs/reliability.md has the table):
     - 3.10 and 4.0: x-delivery-count counts every return: a consumer that died or lost its
       connection or channel, a nack, a reject.
     - 4.3: x-delivery-count counts deaths and rejects, not nacks; x-acquired-count counts every return.

@@ -86,6 +86,9 @@ class Delivery:
     in_child: bool = False  # run it in a child process of its own (policy: it came back unacked, or crashed)
     received: float = field(default_factory=time.monotonic)  # when it came (time.monotonic())
     consumer: object = None  # the worker.Consumer of its channel: the one to settle it
+    # Console.after(): the line its task thread's next task waits to print until this one's outcome is said.
+    said: bool = False  # its outcome line is out (Done, Failed, Could not ack...)
+    next_line: tuple[str, int] | None = None
 
     @property
     def label(self) -> str:
@@ -124,12 +127,31 @@ class Result(NamedTuple):
 
 
 class Console:
-    """Lines on stdout, one per event, whole even when several threads print at once."""
+    """Lines on stdout, one per event, whole even when several threads print at once, and in the order of the
+    events they tell: a task thread starts its next task as soon as one ends, but the connection's thread
+    says Done only once it acked it; the next task's Received line waits for that (after())."""
 
     def __init__(self, name: str, show_threads: bool):
         self.name = name
         self.show_threads = show_threads
         self.lock = threading.Lock()
+        self.order = threading.Lock()  # Delivery.said and .next_line, between a task thread and the connection's
+
+    def after(self, previous: Delivery | None, line: str, thread: int) -> None:
+        """In a task thread: say `line` once the outcome of `previous` (the task this thread ran before) is out."""
+        with self.order:
+            if previous is not None and not previous.said:
+                previous.next_line = (line, thread)  # said() prints it
+                return
+        self.say(line, thread)
+
+    def said(self, delivery: Delivery) -> None:
+        """In the connection's thread, once it said what became of `delivery`: the line that waited for it."""
+        with self.order:
+            delivery.said = True
+            waiting, delivery.next_line = delivery.next_line, None
+        if waiting:
+            self.say(*waiting)
 
     def say(self, line: str, thread: int = 0) -> None:
         label = f"{self.name}/{thread}" if self.show_threads and thread else self.name
@@ -253,7 +275,7 @@ class TaskPool:
     def serve(self, number: int) -> None:
         """A task thread: take a delivery, run it, report. Whatever happens becomes the task's
         result, never a dead thread."""
-        self.local.number, self.local.child = number, None
+        self.local.number, self.local.child, self.local.last = number, None, None  # last: the task it ran before
         try:
             if self.in_process:
                 self.local.child = ChildProcess(self.make_task, self.spawning)
@@ -302,7 +324,8 @@ class TaskPool:
             due = workqueue.clock(delivery.past.due)
             late = time.time() - delivery.past.due
             late = f" (due {due}, {late:.1f}s late)" if late >= 0 else f" (due {due}, {-late:.1f}s early)"
-        self.console.say(f"[x] Received '{delivery.label}'{priority}{attempt}{again}{late}", thread)
+        self.console.after(self.local.last, f"[x] Received '{delivery.label}'{priority}{attempt}{again}{late}", thread)
+        self.local.last = delivery
         since = queued_since(delivery.properties, delivery.past.due)
         self.metrics.task_started(waited=None if since is None else max(0.0, time.time() - since))
         crashed = False
