@@ -159,7 +159,8 @@ class Lab:
         )  # fmt: skip
         if queue is None:
             self.sent += tasks
-        self.note(f"sent {workqueue.plural(len(tasks), 'task')}" + (f" to {queue}" if queue else ""))
+        options = f" ({' '.join(args)})" if args else ""  # --delay 10, --priority high
+        self.note(f"sent {workqueue.plural(len(tasks), 'task')}{options}" + (f" to {queue}" if queue else ""))
 
     def counts(self, queue: str | None = None) -> tuple[int, int] | None:
         """(messages_ready, messages_unacknowledged) of a queue, None if it does not exist."""
@@ -259,15 +260,20 @@ def timeline(lab: Lab, width: int = 64) -> str:
     """A text Gantt chart: a row per worker, a letter per task (lower case: a redelivery),
     '?' a task cut off by a kill, 'X' where a worker was killed.
 
-    It spans from the first task (or kill) to now, so tasks that all come late (after a broker
-    restart) are not squeezed into the last cells. A task shorter than a cell takes one cell
-    all the same, the next free one: a row of quick tasks is drawn a little late."""
+    It spans from the first task (or kill) to the last task's end (or kill), so tasks that all come
+    late (after a broker restart) are not squeezed into the last cells, nor the experiment's last wait
+    drawn. A task shorter than a cell takes one cell all the same, the next free one: a row of quick
+    tasks is drawn a little late."""
     tasks = list(dict.fromkeys(lab.sent))
     letter = {t: chr(ord("A") + i % 26) for i, t in enumerate(tasks)}
     kills = [w.killed_at for w in lab.workers if w.killed_at is not None]
-    starts = [span[0] for worker in lab.workers for span in worker.spans()] + kills
+    all_spans = [span for worker in lab.workers for span in worker.spans()]
+    starts = [span[0] for span in all_spans] + kills
     origin = min(starts, default=0.0)
-    end = max([lab.now(), *kills])
+    # ... to the last thing it shows (a task's end, a kill), not to now: the experiment's waits after it are empty
+    end = max([*starts, *(span[1] for span in all_spans if span[1] is not None)], default=lab.now())
+    if any(span[1] is None for span in all_spans) and not kills:
+        end = lab.now()  # a task still running (cut off by nothing): up to now
     span_seconds = max(end - origin, 1e-9)
 
     def column(at: float) -> int:
@@ -777,15 +783,15 @@ def main() -> int:
         for name in names:
             lab = Lab(url=url, queue=f"ex_{name.replace('-', '_')}_{os.getpid()}", dot_seconds=args.dot_seconds,
                       node=node, verbose=not args.quiet)  # fmt: skip
-            print(f"\n=== {name}: {EXPERIMENTS[name].__doc__.splitlines()[0]}\n", flush=True)
+            show(f"\n=== {name}: {EXPERIMENTS[name].__doc__.splitlines()[0]}\n")
             try:
                 result, verdict = EXPERIMENTS[name](lab)
-                print("\n  timeline:\n" + timeline(lab))
+                show("\n  timeline:\n" + timeline(lab))
                 if name not in ("broker-restart", "poison", "hung-task", "crash-loop", "retry-backoff", "priority"):
                     show_counts(lab, "after")
-                print(f"\n  verdict: {verdict}\n", flush=True)
+                show(f"\n  verdict: {verdict}\n")
                 if args.json:
-                    print(json.dumps({"experiment": name, **result.__dict__}), flush=True)
+                    show(json.dumps({"experiment": name, **result.__dict__}))
             finally:
                 lab.clean_up()
     finally:

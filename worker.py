@@ -20,7 +20,9 @@ How it stays correct where the tutorial's worker is not:
 
 Where to look: the tutorial's shape is below: dot_task, then Consumer (one channel: declare, qos,
 basic_consume, and the callback in two halves, on_message and on_task_done; settle() is where every
-ack goes out), then Worker (the connection: reconnects, --max-tasks, shutdown). What becomes of each
+ack goes out; on_message counts the tasks started and stops at --max-tasks), then Worker (the
+connection: reconnects, results back from the task threads, stop()), then Shutdown (the state a
+signal asks to change), then main() (options, the pool, the signal handlers). What becomes of each
 delivery is decided in workqueue/policy.py; the threads and child processes that run the tasks are in
 workqueue/taskpool.py.
 """
@@ -194,12 +196,14 @@ class Consumer:
     def on_task_done(self, delivery: Delivery, result: Result) -> None:
         """The tutorial's callback, second half: the task's run ended (or never began): decide, and settle."""
         self.in_hand.discard(delivery)  # first: a stop acted on now counts the tasks still running
-        self.worker.stop()  # before an ack: the broker would send the next task at once
-        if result.why and result.why.startswith("time limit of"):
-            self.worker.metrics.settled("timed_out", delivery)  # counted once, whatever becomes of the task
-        decision = self.decide(delivery, result.outcome, why=result.why)
-        self.settle(delivery, decision, result.why, seconds=result.seconds, thread=result.thread)
-        self.worker.console.said(delivery)  # its thread's next Received line, if it waited for this one's
+        try:
+            self.worker.stop()  # before an ack: the broker would send the next task at once
+            if result.why and result.why.startswith("time limit of"):
+                self.worker.metrics.settled("timed_out", delivery)  # counted once, whatever becomes of the task
+            decision = self.decide(delivery, result.outcome, why=result.why)
+            self.settle(delivery, decision, result.why, seconds=result.seconds, thread=result.thread)
+        finally:  # (also when the connection died under the ack: its line is out)
+            self.worker.console.said(delivery)  # its thread's next Received line, if it waited for this one's
         self.close_if_idle()
 
     def decide(self, delivery: Delivery, outcome: Outcome | None, **facts) -> policy.Decision:
@@ -207,7 +211,9 @@ class Consumer:
             outcome,
             delivery.past,
             self.worker.options,
-            stopping=self.worker.shutdown.asked or self.worker.took_enough(),
+            # The state, not the request: a signal that lands between stop() and here (its handler only
+            # records it) must not hand a task back while our consumer is still on: it would come straight back.
+            stopping=self.worker.shutdown.state is State.STOPPING or self.worker.took_enough(),
             taken_back=delivery.taken_back,
             **{"channel_open": self.channel.is_open, **facts},
         )
@@ -244,7 +250,7 @@ class Consumer:
                     declare = record.queue if refused == "no such queue" else None  # deleted under us: declare it
                     pause = self.hold(delivery, decision, why, thread, declare)
                     self.say(f"{failed}; trying again in {pause:g}s", thread)
-                else:  # Act.REJECT: we are leaving
+                else:  # Act.REJECT (we are leaving), or Act.DROPPED (its channel died: the broker has it)
                     self.say(failed, thread)
                     self.settle(delivery, again, why, thread=thread)
                 return
@@ -489,7 +495,7 @@ class Worker:
     field here and in each Consumer. A task thread calls wake() alone: it asks this thread to look at
     the finished tasks through connection.add_callback_threadsafe (the one thread-safe call of a
     BlockingConnection). The signal handler, which Python runs in this thread between two statements,
-    only records a request (Shutdown).
+    only records a request (Shutdown) and the /healthz text, or exits at once on a second signal.
     """
 
     def __init__(self, args: argparse.Namespace, tasks: TaskPool, console: Console, metrics, shutdown: Shutdown):
@@ -539,6 +545,7 @@ class Worker:
                 if not workqueue.is_connection_lost(error):
                     raise
                 self.connection_lost(connection, error)
+                self.settle_finished()  # say now what became of the tasks that ended: not after the outage
                 if time.monotonic() - opened > STEADY_SECONDS:
                     backoff.reset()
                 workqueue.sleep_unless(backoff.next(), lambda: self.shutdown.asked)  # never a tight loop
@@ -573,7 +580,8 @@ class Worker:
     def prefetch(self) -> int:
         """--prefetch, but never more than --max-tasks has left to start: a task the broker sends past the last
         one would go back unrun (pika rejects what it holds when the consumer is cancelled), and every
-        release counts a reject toward the task's returns."""
+        release counts a reject toward the task's returns. The broker applies it to a new consumer only, so
+        with --max-tasks above --prefetch an ack near the end can still let one more come, and go back."""
         if self.args.max_tasks is None:
             return self.args.prefetch
         left = max(self.args.max_tasks - self.started, 1)

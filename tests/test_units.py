@@ -25,8 +25,9 @@ import workqueue
 from new_task import LineReader
 from worker import TaskFailed, dot_task
 from workqueue import policy, taskpool
-from workqueue.policy import Returns, retries_of, returns_of
+from workqueue.policy import Past, Returns, retries_of, returns_of
 from workqueue.producer import END, NACK_RETRIES, Outbox, message, queued
+from workqueue.taskpool import Console, Delivery
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +79,7 @@ def test_queue_mismatch_says_what_differs_and_how_to_fix_it():
     assert mismatch.exit_code == workqueue.EXIT_QUEUE_MISMATCH
     assert str(mismatch) == (
         "queue 'task_queue' already exists with other arguments (x-queue-type is 'quorum', not 'classic'); "
-        "use --queue-type quorum, or remove it with: python delete_queue.py task_queue"
+        "use --queue-type quorum, or once it is empty remove it with: python delete_queue.py task_queue --if-empty"
     )
     assert not workqueue.is_connection_lost(error)
 
@@ -93,8 +94,8 @@ def test_a_classic_queue_of_an_older_tutorial_is_named_with_the_option_that_fits
     )
     assert str(workqueue.mismatch_from(error)) == (
         "queue 'task_queue' already exists with other arguments (x-queue-type is not set: a classic queue, "
-        "as an older tutorial made it; not 'quorum'); use --queue-type classic, or remove it with: "
-        "python delete_queue.py task_queue"
+        "as an older tutorial made it; not 'quorum'); use --queue-type classic, or once it is empty remove it "
+        "with: python delete_queue.py task_queue --if-empty"
     )
     error = pika.exceptions.ChannelClosedByBroker(
         406,
@@ -102,7 +103,7 @@ def test_a_classic_queue_of_an_older_tutorial_is_named_with_the_option_that_fits
         "received the value 'classic' of type 'longstr' but current is the value 'quorum' of type 'longstr'",
     )
     mismatch = str(workqueue.mismatch_from(error))
-    assert "(x-queue-type is 'quorum', not 'classic'); use --queue-type quorum, or" in mismatch
+    assert "(x-queue-type is 'quorum', not 'classic'); use --queue-type quorum, or once" in mismatch
 
 
 def test_login_errors_are_not_retried_but_lost_connections_are():
@@ -764,3 +765,25 @@ def test_a_worker_started_again_under_its_name_goes_on_in_its_row_of_the_timelin
     lab.workers = [killed, Stub("w2", [(2.5, 3.0, "b", True, "w2")])]
     [row] = [line for line in exercises.timeline(lab, width=20).splitlines() if "|" in line]
     assert "X" in row and "b" in row and "?" in row, row  # its death, then the redelivered task in the same row
+
+
+def test_a_threads_next_received_line_waits_for_the_outcome_of_its_last_task(capsys):
+    """Console.after()/said(): a task thread starts its next task as soon as one ends, before the connection's
+    thread has acked that one and said Done; the lines still come in the order of the events."""
+
+    def delivery(tag: int) -> Delivery:
+        return Delivery(None, tag, b"task", pika.BasicProperties(), False, Past())
+
+    console = Console("w1", show_threads=False)
+    a, b, c = delivery(1), delivery(2), delivery(3)
+    console.after(None, "[x] Received 'a'", 1)  # the thread's first task: at once
+    console.after(a, "[x] Received 'b'", 1)  # a's outcome is not out yet: b's line waits for it
+    assert capsys.readouterr().out == "w1 [x] Received 'a'\n"
+    console.say("[x] Done 'a' in 0.0s")
+    console.said(a)
+    assert capsys.readouterr().out == "w1 [x] Done 'a' in 0.0s\nw1 [x] Received 'b'\n"
+    console.say("[x] Done 'b' in 0.0s")
+    console.said(b)  # nothing waited for b
+    console.after(b, "[x] Received 'c'", 1)  # b's outcome is out already: at once
+    console.said(c)
+    assert capsys.readouterr().out == "w1 [x] Done 'b' in 0.0s\nw1 [x] Received 'c'\n"

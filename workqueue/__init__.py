@@ -121,7 +121,7 @@ def queue_mismatch(queue: str, broker_text: str, waiting: bool = False) -> Queue
         )
     return QueueMismatch(
         f"queue '{queue}' already exists with other arguments ({detail}); "
-        f"use {fix}, or remove it with: python delete_queue.py {queue}"
+        f"use {fix}, or once it is empty remove it with: python delete_queue.py {queue} --if-empty"
     )
 
 
@@ -691,8 +691,13 @@ def __getattr__(name: str):
     if name in ("Producer", "AsyncProducer"):
         from workqueue import producer  # noqa: PLC0415 (it builds on everything above)
 
-        return getattr(producer, name)
+        globals()[name] = value = getattr(producer, name)  # once: the next lookup finds it here
+        return value
     raise AttributeError(f"module 'workqueue' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [  # the library's API; the rest of this module is the scripts' plumbing

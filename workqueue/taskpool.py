@@ -84,6 +84,7 @@ class Delivery:
     state: TaskState = TaskState.WAITING  # see TaskPool
     taken_back: bool = False  # by the broker's consumer timeout: not ours to ack (Consumer.took_back)
     in_child: bool = False  # run it in a child process of its own (policy: it came back unacked, or crashed)
+    # (Set by the connection's thread before submit(): the queue hands it over to a task thread, set.)
     received: float = field(default_factory=time.monotonic)  # when it came (time.monotonic())
     consumer: object = None  # the worker.Consumer of its channel: the one to settle it
     # Console.after(): the line its task thread's next task waits to print until this one's outcome is said.
@@ -181,6 +182,9 @@ class TaskPool:
       takes it, or WAITING -> DROPPED by the connection's thread (drop()); never both.
     - `awaited`, the delivery whose result the connection's thread is waiting for in on_message
       (so its task thread need not wake it), is read and written under `state_lock` too.
+    - `Delivery.said` and `Delivery.next_line` are read and written under `Console.order`: a task thread parks
+      its next Received line on the delivery it ran before, unless that one's outcome is out; the
+      connection's thread marks the outcome out and prints what was parked (Console.after/said).
     - `may_start()` reads the worker's shutdown record (worker.Shutdown), which a signal handler writes
       in one assignment: a task thread asks it just before it starts a task, so no task starts after
       the first Ctrl+C, even before the connection's thread has acted on it.
@@ -211,7 +215,8 @@ class TaskPool:
         self.state_lock = threading.Lock()
         self.awaited: Delivery | None = None
         self.local = threading.local()  # each thread's number, and its child process
-        self.wake: Callable[[Delivery], None] = lambda delivery: None  # set by the Worker
+        # Set by main() before the worker consumes: no task, so no call of it, comes before.
+        self.wake: Callable[[Delivery], None] = lambda delivery: None
         # --isolation process: each thread starts its child before it takes a task (see wait_ready).
         self.starting = threading.Semaphore(0)  # released once by each thread when it is ready
         self.threads = args.concurrency
@@ -241,6 +246,7 @@ class TaskPool:
         decides when to stop), which is all that multiprocessing's own exit handler would send them."""
         with self.spawning.lock:
             self.closing.set()
+        # A copy (list() of a list is atomic under the GIL): a task thread may remove its one-off child meanwhile.
         for child in list(self.children):
             process = child.process
             if process is not None and process.is_alive():
@@ -363,7 +369,7 @@ class TaskPool:
         finally:
             if child.process is not None:
                 child.stop()
-            self.children.remove(child)
+            self.children.remove(child)  # (atomic; kill_children() walks a copy)
 
 
 class ChildDidNotStart(Exception):
