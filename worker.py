@@ -132,10 +132,9 @@ class Consumer:
         # The work queue, its dead-letter queue, and the wait queues where a failed task waits until the
         # broker moves it back: durable, as in the tutorial.
         self.wait_queues = wait_queues(self.args)  # {name: delay}
-        with workqueue.short_channel(connection) as channel:  # one channel for these: a refusal ends the worker
-            for name in (self.args.queue, *self.wait_queues):
-                channel.queue_declare(queue=name, durable=True, arguments=self.arguments(name))
-        workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)
+        for name in (self.args.queue, *self.wait_queues):  # (a refusal, 406, ends the worker: exit 5)
+            self.channel.queue_declare(queue=name, durable=True, arguments=self.arguments(name))
+        workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)  # (its own channel)
         self.channel.basic_qos(prefetch_count=worker.prefetch())  # at most N unacked tasks at this worker
         self.channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
         self.channel.add_on_cancel_callback(self.on_cancelled_by_broker)
