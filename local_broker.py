@@ -539,8 +539,8 @@ def running_state() -> dict:
     )
 
 
-def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
-    """Wait for Ctrl+C (or SIGTERM); on SIGHUP (`local_broker.py restart`) restart every node in turn."""
+def noted(broker: BrokerNode | BrokerCluster, urls: str) -> dict:
+    """Write the state file that `restart`, `ctl` and `stop` read: this process and its node(s)."""
     nodes = broker.nodes if isinstance(broker, BrokerCluster) else [broker]
     state = {
         "pid": os.getpid(),
@@ -558,20 +558,28 @@ def serve(broker: BrokerNode | BrokerCluster, urls: str) -> None:
         ],
     }
     write_state(state)
-    try:
-        while signal.sigwait({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) == signal.SIGHUP:
-            for node in nodes:
-                print(f"Restarting {node.nodename} (stop, then start)...", file=sys.stderr, flush=True)
-                node.restart()
-                if isinstance(broker, BrokerCluster):
-                    broker.wait_running(len(nodes))
-            state["restarts"] += 1
-            write_state(state)
-            print("Ready again, at the same URL", file=sys.stderr, flush=True)
-    finally:
-        if read_state().get("pid") == os.getpid():  # not another local_broker.py's, started since
-            with contextlib.suppress(OSError, BrokerError):
-                state_file().unlink(missing_ok=True)
+    return state
+
+
+def serve(broker: BrokerNode | BrokerCluster, state: dict) -> None:
+    """Wait for Ctrl+C (or SIGTERM); on SIGHUP (`local_broker.py restart`) restart every node in turn."""
+    nodes = broker.nodes if isinstance(broker, BrokerCluster) else [broker]
+    while signal.sigwait({signal.SIGINT, signal.SIGTERM, signal.SIGHUP}) == signal.SIGHUP:
+        for node in nodes:
+            print(f"Restarting {node.nodename} (stop, then start)...", file=sys.stderr, flush=True)
+            node.restart()
+            if isinstance(broker, BrokerCluster):
+                broker.wait_running(len(nodes))
+        state["restarts"] += 1
+        write_state(state)
+        print("Ready again, at the same URL", file=sys.stderr, flush=True)
+
+
+def forget_state() -> None:
+    """Remove the state file once our node(s) are gone, unless another local_broker.py wrote it since."""
+    if read_state().get("pid") == os.getpid():
+        with contextlib.suppress(OSError, BrokerError):
+            state_file().unlink(missing_ok=True)
 
 
 def restart(timeout: float = 300) -> int:
@@ -690,6 +698,7 @@ def main() -> int:
     try:
         broker.start()
         urls = ",".join(broker.urls) if args.cluster else broker.url
+        state = noted(broker, urls)  # before Ready: from then on `ctl`, `restart` and `stop` can find the node
         print(urls, flush=True)
         print(f"Ready: export AMQP_URL={urls}   (Ctrl+C stops and removes it)", file=sys.stderr, flush=True)
         print(
@@ -699,9 +708,10 @@ def main() -> int:
             file=sys.stderr,
             flush=True,
         )
-        serve(broker, urls)
+        serve(broker, state)
     finally:
         broker.destroy()
+        forget_state()
     return 0
 
 
