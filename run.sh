@@ -118,9 +118,11 @@ case "${1:-}" in
         setup_python requirements-dev.txt
         # Tests side by side: xdist workers, each with throwaway nodes of its own (tests/conftest.py).
         # Arguments after these win: -n 0 runs them one at a time, as you would to debug.
+        # Three a release when all three run side by side; five for one release alone: the tests mostly wait.
         side_by_side=(-n "${WORKQUEUE_TEST_WORKERS:-3}" --dist loadgroup --durations 10)
         if [ -n "$RABBITMQ_RELEASE" ]; then
             setup_rabbitmq "$RABBITMQ_RELEASE"
+            side_by_side[1]=${WORKQUEUE_TEST_WORKERS:-5}
             exec .venv/bin/python -m pytest "${side_by_side[@]}" -o cache_dir=".pytest_cache/$RABBITMQ_RELEASE" "$@"
         fi
         # Every supported release, side by side: the whole suite on the system's and on 4.3, the queue
