@@ -575,11 +575,19 @@ def retry_backoff(lab: Lab) -> tuple[Outcome, str]:
             failed_at = at
         elif "Received" in line and failed_at is not None:
             gaps.append(at - failed_at)
+    # By the worker's own clock, each retry's start against the due time its failure set (x-due-at): the line
+    # times above are when this process read them, which a loaded machine can skew by a few tenths.
+    late = [
+        float(m[1]) * (1 if m[2] == "late" else -1)
+        for _, line in events
+        if (m := re.search(r"Received 'an error'.*\(due [\d:]+, ([\d.]+)s (late|early)\)", line))
+    ]
     planned = ", ".join(f"{d:g}s" for d in [*delays, delays[-1]])
     waited = ", ".join(f"{g:.1f}s" for g in gaps)
     return result, (
         f"'an error' was tried 4 times; it waited {waited} between tries (asked: {planned}, the last delay "
-        f"repeating), each wait in a queue of its own ({lab.queue}.retry.<delay>s) with no worker holding it, "
+        f"repeating; each try started {', '.join(f'{s:+.1f}s' for s in late)} from its due time, by the worker's "
+        f"clock), each wait in a queue of its own ({lab.queue}.retry.<delay>s) with no worker holding it, "
         f"then it moved to {dlq}. The other {result.done} tasks were done meanwhile."
     )
 
