@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -109,11 +110,34 @@ class RabbitMQ:
         return found.stdout.split("-")[0] or "(version unknown)"
 
 
+def ephemeral_ports() -> range:
+    """The ports the kernel hands out as the local end of outgoing connections."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """Ask the kernel for a port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nobody listens on right now, below the ephemeral range.
+
+    A port from the kernel's own choice (bind to 0) is an ephemeral one: before the
+    node binds it, any client's outgoing connection can take it as its local end,
+    and the node dies of eaddrinuse (seen in CI, with hundreds of test connections
+    a minute). Below that range only listeners take ports.
+    """
+    lowest = 10000
+    top = max(ephemeral_ports().start, lowest + 1000)
+    for _ in range(200):
+        port = random.randrange(lowest, top)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise BrokerError(f"no free port between {lowest} and {top}")
 
 
 def amqp_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -146,11 +170,18 @@ class BrokerNode:
         self.base = Path(base_dir) if base_dir else self.rabbitmq.temp_dir(f"rabbit-{name}-")
         self.base.mkdir(parents=True, exist_ok=True)
         self.nodename = f"{name}{os.getpid()}@localhost"
+        self.pid_file = self.base / "node.pid"
+        self.crash_dump = self.base / "erl_crash.dump"  # what an Erlang VM that dies leaves (ERL_CRASH_DUMP)
+        self._heartbeat, self._tls = heartbeat, tls
+        self.answered = False  # once it has, clients know its port: a restart keeps it
+        self._log_sizes: dict[Path, int] = {}  # where each log ended when the node was last launched
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
         self.port = free_port()
         self.dist_port = free_port()
-        self.tls_port = free_port() if tls else None
-        self.pid_file = self.base / "node.pid"
-        self._write_config(heartbeat, tls)
+        self.tls_port = free_port() if self._tls else None
+        self._write_config(self._heartbeat, self._tls)
 
     @property
     def url(self) -> str:
@@ -200,7 +231,7 @@ class BrokerNode:
             RABBITMQ_ADVANCED_CONFIG_FILE=f"{base}/advanced.config",
             RABBITMQ_ENABLED_PLUGINS_FILE=f"{base}/enabled_plugins",
             RABBITMQ_PID_FILE=f"{base}/node.pid",
-            ERL_CRASH_DUMP=f"{base}/erl_crash.dump",  # with the node, removed with it
+            ERL_CRASH_DUMP=f"{base}/{self.crash_dump.name}",  # with the node, removed with it
         )
         return env
 
@@ -242,6 +273,8 @@ class BrokerNode:
         """Start the node in the background (see wait_ready)."""
         self.rabbitmq.check()
         self.pid_file.unlink(missing_ok=True)
+        self.crash_dump.unlink(missing_ok=True)
+        self._log_sizes = {log: log.stat().st_size for log in (self.base / "log").glob("*.log")}  # this boot's after
         subprocess.run(
             self.rabbitmq.command("rabbitmq-server", "-detached"),
             env=self.environment(),
@@ -252,14 +285,45 @@ class BrokerNode:
             stderr=subprocess.DEVNULL,
         )
 
-    def wait_ready(self, timeout: float = 90) -> BrokerNode:
-        """Return once the node completes an AMQP handshake."""
+    def wait_ready(self, timeout: float = 90, tries: int = 3) -> BrokerNode:
+        """Return once the node completes an AMQP handshake.
+
+        A node that dies on its first boot gets new ports and another try: a port
+        free when chosen can be taken before the node binds it. Once it has
+        answered, its ports are known to clients, and a node that dies says why."""
         deadline = time.monotonic() + timeout
         while not amqp_answers("127.0.0.1", self.port):
+            if self._died():
+                tries -= 1
+                if self.answered or tries == 0:
+                    raise BrokerError(f"node {self.nodename} stopped as it started: {self._why_it_stopped()}")
+                shutil.rmtree(self.base / "mnesia", ignore_errors=True)  # nothing in it yet
+                self._choose_ports()
+                self.launch()
             if time.monotonic() > deadline:
-                raise BrokerError(f"node {self.nodename} did not answer AMQP in {timeout:.0f}s; see {self.base}/log")
+                raise BrokerError(
+                    f"node {self.nodename} did not answer AMQP in {timeout:.0f}s: {self._why_it_stopped()}"
+                )
             time.sleep(0.2)
+        self.answered = True
         return self
+
+    def _died(self) -> bool:
+        """True when the VM wrote a crash dump, or wrote its pid and is gone."""
+        pid = self.pid()
+        return self.crash_dump.exists() or (pid is not None and not Path(f"/proc/{pid}").exists())
+
+    def _why_it_stopped(self) -> str:
+        """Why the node stopped, as its log says (eaddrinuse, say), and where to look."""
+        errors = []
+        for log in sorted((self.base / "log").glob("*.log")):
+            with contextlib.suppress(OSError), log.open("rb") as lines:
+                lines.seek(self._log_sizes.get(log, 0))
+                errors += [line for line in lines.read().decode(errors="replace").splitlines() if "[error]" in line]
+        # The first reason is the cause ({listen_error, ..., eaddrinuse}); later ones are the shutdown it led to.
+        reason = next((line for line in errors if "reason:" in line), errors[-1] if errors else "")
+        where = f"see {self.base}/log" + (f" and {self.crash_dump}" if self.crash_dump.exists() else "")
+        return f"{reason.split('> ', 1)[-1].strip()[:300]}; {where}" if reason else where
 
     def stop(self) -> None:
         """Stop the node gracefully (as `rabbitmqctl stop` does) and wait until it is gone."""

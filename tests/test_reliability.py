@@ -309,7 +309,9 @@ def test_worker_declares_a_deleted_queue_again_and_resumes(env, queue, start):
     assert deleted.returncode == 0, deleted.stderr
 
     worker.wait_for(rf"the broker cancelled our consumer: queue '{queue}' was deleted; declaring it again")
-    worker.wait_for(r"Waiting for messages", count=2)
+    # 90 s: on a loaded machine 4.0 once refused the new quorum queue (541 INTERNAL_ERROR, closing the
+    # connection); the worker reconnects and declares it again, and that is what this waits for.
+    worker.wait_for(r"Waiting for messages", count=2, timeout=90)
     publish(env, queue, "after the delete")
     worker.wait_for(r"Done 'after the delete'")
     assert worker.proc.poll() is None

@@ -9,6 +9,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 from conftest import get_all, publish, ready_count, run_script, start_worker, wait_for_counts, wait_until
 
 import bench
-from local_broker import amqp_answers, free_port
+from local_broker import BrokerError, BrokerNode, amqp_answers, ephemeral_ports, free_port
 
 
 def test_a_sent_task_is_done_by_a_worker(env, queue, start):
@@ -603,6 +604,26 @@ def test_local_broker_trusts_no_stale_state(env, tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_node_whose_port_is_taken_as_it_boots_starts_on_new_ports_and_a_restart_keeps_them():
+    """CI once lost a whole release's tests to a session node that died of eaddrinuse: its port, chosen
+    free, was taken before the node bound it. Ports now come from below the ephemeral range, and a
+    node that dies on its first boot is tried again on new ones; once clients know its port, it keeps it."""
+    assert free_port() < ephemeral_ports().start
+    node = BrokerNode(name="portclash")
+    taken = socket.create_server(("127.0.0.1", node.port))  # another listener got there first
+    first_port = node.port
+    try:
+        node.start()
+        assert node.port != first_port and amqp_answers("127.0.0.1", node.port)
+        node.stop()
+        stopped_because = f"stopped as it started: reason: .*{node.port}.*eaddrinuse"
+        with socket.create_server(("127.0.0.1", node.port)), pytest.raises(BrokerError, match=stopped_because):
+            node.start()  # the port it answered on is taken now
+    finally:
+        taken.close()
+        node.destroy()
 
 
 @pytest.mark.parametrize("run", range(4))  # one test each: side by side (in test_exercises.py they ran in a row)
