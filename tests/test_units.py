@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -787,3 +788,35 @@ def test_a_threads_next_received_line_waits_for_the_outcome_of_its_last_task(cap
     console.after(b, "[x] Received 'c'", 1)  # b's outcome is out already: at once
     console.said(c)
     assert capsys.readouterr().out == "w1 [x] Done 'b' in 0.0s\nw1 [x] Received 'c'\n"
+
+
+KILLED_BETWEEN_SPAWN_AND_START_UP_DATA = """
+import os, signal, threading
+from multiprocessing import util
+from workqueue import taskpool
+
+spawn = util.spawnv_passfds
+
+def spawn_then_die(path, args, fds):
+    pid = spawn(path, args, fds)
+    if "spawn_main" in " ".join(map(str, args)):  # the task's child, not multiprocessing's resource tracker
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 of the worker right after the spawn
+    return pid
+
+util.spawnv_passfds = spawn_then_die
+if __name__ == "__main__":
+    taskpool.ChildProcess((len, b""), taskpool.Spawning(threading.Event(), threading.Lock())).start()
+"""
+
+
+def test_a_child_whose_worker_is_killed_as_it_spawns_it_ends_quietly(tmp_path):
+    """kill -9 of the worker just after it spawned a child (CI hit this window once): the child has what it
+    needs to start, finds the worker gone and ends without a word (it printed multiprocessing's EOFError
+    traceback). run() returns once every holder of the output pipe, the child too, has ended."""
+    script = tmp_path / "killed_as_it_spawns.py"
+    script.write_text(KILLED_BETWEEN_SPAWN_AND_START_UP_DATA)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(script)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert result.stdout + result.stderr == ""

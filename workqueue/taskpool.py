@@ -419,7 +419,9 @@ class ChildProcess:
         not the start-up's). None once it is ready, else why it could not start (it is reaped)."""
         context = processes()
         self.pipe, child_end = context.Pipe()
-        self.process = context.Process(target=child_main, args=(child_end, self.make_task), name="task", daemon=True)
+        from workqueue.child_start import TaskProcess  # noqa: PLC0415  (with multiprocessing: only when needed)
+
+        self.process = TaskProcess(target=child_main, args=(child_end, self.make_task), name="task", daemon=True)
         try:
             with self.spawning.lock:  # the spawn alone: kill_children() waits for it, never for a start-up
                 if self.spawning.closing.is_set():
