@@ -120,24 +120,29 @@ def ephemeral_ports() -> range:
 
 
 def free_port() -> int:
-    """A port nobody listens on right now, below the ephemeral range.
+    """A port nobody listens on right now, outside the ephemeral range.
 
     A port from the kernel's own choice (bind to 0) is an ephemeral one: before the
     node binds it, any client's outgoing connection can take it as its local end,
     and the node dies of eaddrinuse (seen in CI, with hundreds of test connections
-    a minute). Below that range only listeners take ports.
+    a minute). Outside that range only listeners take ports: below it (Linux's
+    default range starts at 32768), else above it (a range that starts low).
     """
-    lowest = 10000
-    top = max(ephemeral_ports().start, lowest + 1000)
+    ephemeral = ephemeral_ports()
+    ports = range(10000, ephemeral.start)
+    if len(ports) < 1000:
+        ports = range(ephemeral.stop, 65536)
+    if len(ports) < 1000:  # the range is nearly every port: no port is safe, take any
+        ports = range(10000, 65536)
     for _ in range(200):
-        port = random.randrange(lowest, top)
+        port = random.choice(ports)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise BrokerError(f"no free port between {lowest} and {top}")
+    raise BrokerError(f"no free port between {ports.start} and {ports.stop - 1}")
 
 
 def amqp_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -297,6 +302,7 @@ class BrokerNode:
                 tries -= 1
                 if self.answered or tries == 0:
                     raise BrokerError(f"node {self.nodename} stopped as it started: {self._why_it_stopped()}")
+                self.kill()  # a VM that wrote a crash dump may not have exited yet (its name still taken)
                 shutil.rmtree(self.base / "mnesia", ignore_errors=True)  # nothing in it yet
                 self._choose_ports()
                 self.launch()

@@ -5,8 +5,9 @@ of the worker in between left a child that read an empty pipe and printed an EOF
 worker's lines. Here the data is in the pipe before the child exists: the child starts, sees that the
 worker is gone (taskpool.child_main) and ends quietly.
 
-`StartUpDataFirst._launch` is `_launch` of `multiprocessing.popen_spawn_posix.Popen` as in Python 3.11,
-with only its order changed. Where the data cannot fit in the pipe, it keeps multiprocessing's order.
+`StartUpDataFirst._launch` is `_launch` of `multiprocessing.popen_spawn_posix.Popen` (the same in Python
+3.9 to 3.13), with only its order changed. On Linux, where the data fits in the pipe (64 KiB, grown up to
+/proc/sys/fs/pipe-max-size if need be); elsewhere it keeps multiprocessing's order.
 (Its own module: the child process imports this class by name to unpickle itself, and the worker imports
 multiprocessing only when it starts a child.)
 """
@@ -14,6 +15,7 @@ multiprocessing only when it starts a child.)
 import fcntl
 import io
 import os
+import sys
 from multiprocessing import context, popen_spawn_posix, reduction, resource_tracker, spawn, util
 
 
@@ -30,9 +32,10 @@ class StartUpDataFirst(popen_spawn_posix.Popen):
         finally:
             context.set_spawning_popen(None)
         data = fp.getbuffer()
-        parent_r, child_w = os.pipe()
-        child_r, parent_w = os.pipe()
+        parent_r = child_w = child_r = parent_w = None
         try:
+            parent_r, child_w = os.pipe()
+            child_r, parent_w = os.pipe()
             first = fits_in_pipe(parent_w, len(data))
             written = 0
             while first and written < len(data):  # it fits: no write blocks
@@ -45,9 +48,10 @@ class StartUpDataFirst(popen_spawn_posix.Popen):
                 with open(parent_w, "wb", closefd=False) as f:
                     f.write(data)
         finally:
-            self.finalizer = util.Finalize(self, util.close_fds, [parent_r, parent_w])
-            os.close(child_r)
-            os.close(child_w)
+            self.finalizer = util.Finalize(self, util.close_fds, [fd for fd in (parent_r, parent_w) if fd is not None])
+            for fd in (child_r, child_w):
+                if fd is not None:
+                    os.close(fd)
 
 
 class TaskProcess(context.SpawnProcess):
@@ -56,11 +60,12 @@ class TaskProcess(context.SpawnProcess):
 
 def fits_in_pipe(fd: int, size: int) -> bool:
     """Whether `size` bytes can be written at once to the empty pipe `fd`, growing it if need be (Linux)."""
-    if not hasattr(fcntl, "F_GETPIPE_SZ"):  # not Linux: its capacity is unknown
+    if not sys.platform.startswith("linux"):  # its capacity is unknown
         return False
+    get, set_ = getattr(fcntl, "F_GETPIPE_SZ", 1032), getattr(fcntl, "F_SETPIPE_SZ", 1031)  # (named from 3.10)
     try:
-        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < size:  # 64 KiB, or one page for a user over pipe-user-pages-soft
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) >= size
+        if fcntl.fcntl(fd, get) < size:  # 64 KiB, or one page for a user over pipe-user-pages-soft
+            fcntl.fcntl(fd, set_, size)
+        return fcntl.fcntl(fd, get) >= size
     except OSError:  # larger than /proc/sys/fs/pipe-max-size
         return False
