@@ -136,7 +136,7 @@ case "${1:-}" in
         for release in "${releases[@]}"; do setup_rabbitmq "$release"; done
         mkdir -p .test-logs
         rm -f .test-logs/*.seconds
-        echo "run.sh: the tests on RabbitMQ ${releases[*]}, side by side (about 11 minutes on 2 cores); their output in .test-logs/" >&2
+        echo "run.sh: the tests on RabbitMQ ${releases[*]}, side by side (about 12 minutes on 2 cores); their output in .test-logs/" >&2
         began=$SECONDS
         # Ctrl+C or a stop: every pytest gets Ctrl+C (they stop their nodes), and this waits for them.
         trap 'trap - INT TERM; kill -INT 0 2>/dev/null; wait; echo "run.sh: tests interrupted" >&2; exit 130' INT TERM
