@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import worker  # noqa: E402
 import workqueue  # noqa: E402
 from local_broker import RELEASES, BrokerError, BrokerNode, RabbitMQ  # noqa: E402
-from workqueue import policy  # noqa: E402
 
 HEARTBEAT = 2
 
@@ -138,6 +138,8 @@ def running_broker(broker):
 # starts an Erlang VM (half a second of CPU): after every test, it was a third of the suite's CPU time.
 SWEEP_EVERY = 20
 queues_to_sweep: list[str] = []  # the names of this process's tests since the last sweep (one xdist worker)
+# The delays of the wait queues a worker declares with its default --retry-delays and --max-retries.
+DEFAULT_WAIT_DELAYS = worker.wait_queues(worker.make_argument_parser().parse_args(["--queue", "q"])).values()
 
 
 @pytest.fixture
@@ -145,17 +147,18 @@ def queue(request, broker):
     """A queue name of this test's own; removed (with its dead-letter and wait queues) afterwards."""
     name = "t_" + re.sub(r"\W+", "_", request.node.name)[:80]
     yield name
-    delays = [float(delay) for delay in policy.DEFAULT_RETRY_DELAYS.split(",")]
-    delete_queues(broker, [name, workqueue.dead_letter_queue(name), *(workqueue.wait_queue(name, d) for d in delays)])
+    waits = [workqueue.wait_queue(name, delay) for delay in DEFAULT_WAIT_DELAYS]
+    delete_queues(broker, [name, workqueue.dead_letter_queue(name), *waits])
     queues_to_sweep.append(name)
     if len(queues_to_sweep) >= SWEEP_EVERY:
         try:
             listed = broker.rabbitmqctl("list_queues", "name", "--quiet", "--no-table-headers").split()
         except (BrokerError, subprocess.TimeoutExpired):  # the node is down (the test stopped it): next time
             return
-        tests = tuple(queues_to_sweep)
+        derived = tuple(test + "." for test in queues_to_sweep)  # name.dlq, name.retry.0.5s, name.delay.3s
+        left = [q for q in listed if q in queues_to_sweep or q.startswith(derived)]
         queues_to_sweep.clear()  # (what a failed delete leaves, a later sweep does not see: rare, and harmless)
-        delete_queues(broker, [q for q in listed if q in tests or q.startswith(tuple(t + "." for t in tests))])
+        delete_queues(broker, left)
 
 
 def delete_queues(broker: BrokerNode, names: list[str]) -> None:

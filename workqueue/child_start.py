@@ -37,16 +37,14 @@ class StartUpDataFirst(popen_spawn_posix.Popen):
             parent_r, child_w = os.pipe()
             child_r, parent_w = os.pipe()
             first = fits_in_pipe(parent_w, len(data))
-            written = 0
-            while first and written < len(data):  # it fits: no write blocks
-                written += os.write(parent_w, data[written:])
+            if first:
+                write_all(parent_w, data)  # it fits: no write blocks
             cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
             self._fds.extend([child_r, child_w])
             self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
             self.sentinel = parent_r
             if not first:
-                with open(parent_w, "wb", closefd=False) as f:
-                    f.write(data)
+                write_all(parent_w, data)
         finally:
             self.finalizer = util.Finalize(self, util.close_fds, [fd for fd in (parent_r, parent_w) if fd is not None])
             for fd in (child_r, child_w):
@@ -56,6 +54,12 @@ class StartUpDataFirst(popen_spawn_posix.Popen):
 
 class TaskProcess(context.SpawnProcess):
     _Popen = staticmethod(StartUpDataFirst)
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:])
 
 
 def fits_in_pipe(fd: int, size: int) -> bool:
