@@ -64,6 +64,7 @@ LOGGER = logging.getLogger("worker")
 
 QUICK_TASK_SECONDS = 0.005  # how long on_message waits for a lone task before going back to the connection
 STEADY_SECONDS = 10.0  # a connection that lived this long resets the reconnect backoff
+CANCEL_TURNS = 20  # turns of the connection a cancel waits at most for pika to hand over what it read
 
 EXAMPLES = """\
 examples:
@@ -114,8 +115,9 @@ class Consumer:
     Dramatiq one per reconnect): when the channel dies, the Consumer is dropped with all it held, and a
     delivery is only ever acked on the channel it came on, by its own Consumer. settle() is the one
     place a delivery is acked, nacked, rejected, or published again, carrying out policy.decide()'s
-    decision; deliveries pika rejects itself (those it read but had not handed to on_message when the
-    consumer is cancelled) never reached us.
+    decision. Our consumer is cancelled once pika has handed to on_message what it read (cancel()), so
+    that those deliveries go back through settle() too; pika rejects, itself, only what the broker sends
+    in the moment before it sees the cancel.
 
     Main thread only, like the Worker.
     """
@@ -127,6 +129,12 @@ class Consumer:
         self.in_hand: set[Delivery] = set()  # delivered here, given to the pool, not settled yet
         self.held: set[Delivery] = set()  # failed, and the broker refused their retry or dead letter: unacked
         self.consuming = False  # our consumer is on; False once cancelled, by us or by the broker
+        self.cancelling = False  # a stop asked for our cancel, which waits for pika to hand us what it read (cancel())
+        self.received = 0  # deliveries that reached on_message
+        # What waits for that cancel: hand-backs (sent now, they would come straight back), and finished tasks
+        # (an ack now would let the broker send one more)
+        self.back_after_cancel: list[Delivery] = []
+        self.done_before_cancel: list[tuple[Delivery, Result]] = []
         self.cancelled_by_broker = False
         self.channel = connection.channel()
         # The work queue, its dead-letter queue, and the wait queues where a failed task waits until the
@@ -159,6 +167,8 @@ class Consumer:
             if not is_consumer_timeout(error):
                 raise
             return self.closed_by_consumer_timeout(error)
+        if self.cancelling:  # the broker cancelled us first
+            self.cancel()
         self.consuming = False
         if self.cancelled_by_broker:
             return self.cancelled()
@@ -167,6 +177,7 @@ class Consumer:
     def on_message(self, channel: BlockingChannel, method, properties, body: bytes) -> None:
         """The tutorial's callback, first half: a task arrived; hand it to a task thread."""
         worker = self.worker
+        self.received += 1
         worker.stop()
         timed_out = worker.timed_out.get(message_identity(properties, body), 0) if method.redelivered else 0
         past, complaint = policy.past_of(properties, timed_out, method.redelivered)
@@ -195,8 +206,11 @@ class Consumer:
     def on_task_done(self, delivery: Delivery, result: Result) -> None:
         """The tutorial's callback, second half: the task's run ended (or never began): decide, and settle."""
         self.in_hand.discard(delivery)  # first: a stop acted on now counts the tasks still running
+        self.worker.stop()  # before an ack: the broker would send the next task at once
+        if self.cancelling:  # its ack now would let the broker send us one more task before the cancel
+            self.done_before_cancel.append((delivery, result))
+            return
         try:
-            self.worker.stop()  # before an ack: the broker would send the next task at once
             if result.why and result.why.startswith("time limit of"):
                 self.worker.metrics.settled("timed_out", delivery)  # counted once, whatever becomes of the task
             decision = self.decide(delivery, result.outcome, why=result.why)
@@ -225,6 +239,9 @@ class Consumer:
         """Carry out a decision of policy.decide() on this channel: ack, nack, reject, or publish the retry or
         dead letter (confirmed) and then ack. A failure whose publish the broker refuses is decided again."""
         act, label, metrics = decision.act, delivery.label, self.worker.metrics
+        if act is Act.HAND_BACK and self.cancelling:  # sent now, it could come straight back to our consumer
+            self.back_after_cancel.append(delivery)
+            return
         self.held.discard(delivery)
         if act in (Act.RETRY, Act.DEAD_LETTER):
             record = policy.failure_record(
@@ -332,16 +349,46 @@ class Consumer:
     def stop_taking_tasks(self) -> None:
         """A stop, or --max-tasks reached: cancel our consumer, then hand back the tasks not started (at a stop)
         and the failures not recorded. Cancel first: a task handed back while the consumer still runs would come
-        straight back to it. Deliveries pika had not handed to on_message yet it rejects itself (requeue); an
-        auto-ack consumer's come back to us: ours alone, they run."""
+        straight back to it. And not now (cancel()): pika would reject, itself, the deliveries the broker has
+        sent and it has not handed to on_message yet."""
         if self.consuming and self.channel.is_open:
-            self.consuming = False
+            if not self.cancelling:
+                self.cancelling = True
+                self.channel.connection.call_later(0, functools.partial(self.cancel, CANCEL_TURNS, None))
+            return
+        self.give_back()
+
+    def cancel(self, turns: int = 0, received: int | None = None) -> None:
+        """Cancel our consumer once pika has handed to on_message what the broker had sent it; then hand back
+        what waited for the cancel. A turn of the connection reads the socket, runs its timers (this), then
+        hands what it read to on_message: so this waits for a turn that brought no task (at most `turns`
+        turns: a quick producer and no prefetch limit could keep them coming). pika rejects, itself, only what
+        reaches it while basic_cancel waits for the broker's answer: what the broker sent in that last moment.
+        An auto-ack consumer's deliveries that came meanwhile are returned to us: ours alone, they run."""
+        if not self.cancelling:
+            return  # done already
+        if self.consuming and self.channel.is_open and self.channel.consumer_tags:
+            if turns and received != self.received:  # a turn that brought tasks, or the first: one more
+                self.channel.connection.call_later(0, functools.partial(self.cancel, turns - 1, self.received))
+                return
             for tag in list(self.channel.consumer_tags):
                 for method, properties, body in self.channel.basic_cancel(tag):
                     self.on_message(self.channel, method, properties, body)
+        self.consuming = self.cancelling = False
+        self.give_back()
+
+    def give_back(self, **facts) -> None:
+        """Our consumer is off: hand back the tasks that came after the stop, those not started (at a stop),
+        and the failures not recorded; then settle the tasks that finished while the cancel was on its way."""
+        late, self.back_after_cancel = self.back_after_cancel, []
+        for delivery in late:  # (they came in order)
+            self.settle(delivery, self.decide(delivery, Outcome.NOT_STARTED, **facts), None)
         if self.worker.shutdown.asked:
-            self.give_back_waiting()
-        self.give_back_held()
+            self.give_back_waiting(**facts)
+        self.give_back_held(**facts)
+        done, self.done_before_cancel = self.done_before_cancel, []
+        for delivery, result in done:
+            self.on_task_done(delivery, result)
 
     def give_back_waiting(self, **facts) -> None:
         """Every task held here that no thread has started: policy decides (hand back; drop if the channel died)."""
@@ -361,9 +408,9 @@ class Consumer:
 
     def channel_gone(self) -> None:
         """The channel (or its connection) died: the broker has every task it held back. Nothing is sent."""
-        self.consuming = False
-        self.give_back_waiting(channel_open=False)
-        self.give_back_held(channel_open=False)
+        self.consuming = self.cancelling = False
+        self.give_back_waiting(channel_open=False)  # (whether stopping or not: none of them may start now)
+        self.give_back(channel_open=False)
 
     def on_cancelled_by_broker(self, _method_frame) -> None:
         """basic.cancel from the broker: its queue was deleted, its node went down, or (4.3) a consumer timeout
@@ -474,7 +521,8 @@ class Consumer:
 
     def close_if_idle(self) -> None:
         """Close the channel once our consumer is gone and no task of it is in hand any more."""
-        if not self.consuming and not self.in_hand and not self.held and self.channel.is_open:
+        holding = self.in_hand or self.held or self.back_after_cancel or self.done_before_cancel
+        if not self.consuming and not holding and self.channel.is_open:
             try:
                 self.channel.close()
             except pika.exceptions.AMQPError:
@@ -578,9 +626,9 @@ class Worker:
 
     def prefetch(self) -> int:
         """--prefetch, but never more than --max-tasks has left to start: a task the broker sends past the last
-        one would go back unrun (pika rejects what it holds when the consumer is cancelled), and every
-        release counts a reject toward the task's returns. The broker applies it to a new consumer only, so
-        with --max-tasks above --prefetch an ack near the end can still let one more come, and go back."""
+        one goes back unrun, and 3.10 and 4.0 count that toward the task's returns. The broker applies it to a
+        new consumer only, so with --max-tasks above --prefetch an ack near the end can still let one more
+        come, and go back."""
         if self.args.max_tasks is None:
             return self.args.prefetch
         left = max(self.args.max_tasks - self.started, 1)

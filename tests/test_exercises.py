@@ -111,8 +111,8 @@ def test_scale_out_loses_nothing(all_experiments):
     assert (result["done"], result["lost"], result["done_twice"]) == (15, 0, 0)
     assert re.search(r"w2 [1-9]\d*, w3 [1-9]", sections["scale-out"])
     # What w3 received after its SIGTERM went back untouched: the only redeliveries there are. Each has a
-    # line, but for one that pika held undispatched as the consumer was cancelled: pika rejects it itself,
-    # unseen (BlockingChannel.basic_cancel; with prefetch 1 there is at most one such; issue 25).
+    # line, but for one the broker sent in the moment before it saw w3's cancel: pika rejects it itself,
+    # unseen (BlockingChannel.basic_cancel; with prefetch 1 there is at most one such).
     handed_back = re.search(r"handed back (\d+) task", sections["scale-out"])
     handed_back = int(handed_back[1]) if handed_back else 0
     assert handed_back <= result["redelivered"] <= handed_back + 1, sections["scale-out"]

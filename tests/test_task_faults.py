@@ -17,6 +17,7 @@ from conftest import (
     done_tasks,
     get_all,
     publish,
+    rabbitmq_version,
     ready_count,
     run_script,
     start_worker,
@@ -153,6 +154,26 @@ def test_tasks_a_warm_shutdown_handed_back_run_and_are_not_dead_lettered(env, qu
     assert sorted(done_tasks(w1, w2)) == [f"task{n}" for n in range(1, 7)], w2.output
     wait_for_counts(broker, queue, 0, 0)
     assert dead_letters(broker, queue) == []
+
+
+def test_a_warm_shutdown_hands_back_the_tasks_pika_had_read_itself(env, queue, start, broker):
+    """Tasks the broker had sent when the stop came, read by pika in one go and not yet handed to the worker's
+    callback: the worker hands each back itself (a nack, in its output), and pika rejects none behind its back
+    (4.3 counts a reject toward the delivery limit and the crash-loop guard, not a nack)."""
+    worker = start_worker(start, queue, "--prefetch", "5")
+    worker.signal(signal.SIGSTOP)  # it reads nothing: the five deliveries wait in its socket, to be read at once
+    publish(env, queue, *(f"task{n}." for n in range(1, 6)))
+    wait_for_counts(broker, queue, 0, 5)  # all five sent to it
+    worker.signal(signal.SIGTERM)  # held until it runs again: it stops as it reads the five
+    worker.signal(signal.SIGCONT)
+    assert worker.wait() == 0
+    assert sorted(re.findall(r"Handed back '(task\d\.)' untouched", worker.output)) == [
+        f"task{n}." for n in range(1, 6)
+    ], worker.output
+    left = get_all(broker, queue)
+    assert sorted(body for body, _ in left) == [f"task{n}.".encode() for n in range(1, 6)]
+    if rabbitmq_version(broker) >= (4, 3):  # nacks only: none counted
+        assert [headers.get("x-delivery-count", 0) for _, headers in left] == [0] * 5, left
 
 
 def test_tasks_left_over_at_max_tasks_run_and_are_not_dead_lettered(env, queue, start, broker):
