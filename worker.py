@@ -64,7 +64,8 @@ LOGGER = logging.getLogger("worker")
 
 QUICK_TASK_SECONDS = 0.005  # how long on_message waits for a lone task before going back to the connection
 STEADY_SECONDS = 10.0  # a connection that lived this long resets the reconnect backoff
-CANCEL_TURNS = 20  # turns of the connection a cancel waits at most for pika to hand over what it read
+CANCEL_TURN_SECONDS = 0.005  # a stop's cancel waits for a turn of the connection this long that brings no task,
+CANCEL_TURNS = 20  # for at most this many turns (see Consumer.cancel)
 
 EXAMPLES = """\
 examples:
@@ -143,7 +144,8 @@ class Consumer:
         for name in (self.args.queue, *self.wait_queues):  # (a refusal, 406, ends the worker: exit 5)
             self.channel.queue_declare(queue=name, durable=True, arguments=self.arguments(name))
         workqueue.declare_dead_letter_queue(connection, self.args.queue, self.args.queue_type)  # (its own channel)
-        self.channel.basic_qos(prefetch_count=worker.prefetch())  # at most N unacked tasks at this worker
+        self.prefetch = worker.prefetch()
+        self.channel.basic_qos(prefetch_count=self.prefetch)  # at most N unacked tasks at this worker
         self.channel.confirm_delivery()  # our retry and dead-letter publishes wait for the broker's OK
         self.channel.add_on_cancel_callback(self.on_cancelled_by_broker)
 
@@ -359,17 +361,20 @@ class Consumer:
         self.give_back()
 
     def cancel(self, turns: int = 0, received: int | None = None) -> None:
-        """Cancel our consumer once pika has handed to on_message what the broker had sent it; then hand back
-        what waited for the cancel. A turn of the connection reads the socket, runs its timers (this), then
-        hands what it read to on_message: so this waits for a turn that brought no task (at most `turns`
-        turns: a quick producer and no prefetch limit could keep them coming). pika rejects, itself, only what
-        reaches it while basic_cancel waits for the broker's answer: what the broker sent in that last moment.
-        An auto-ack consumer's deliveries that came meanwhile are returned to us: ours alone, they run."""
+        """Cancel our consumer once the broker has no more tasks on their way to it; then hand back what
+        waited for the cancel. That is certain when we hold as many unsettled tasks as our prefetch allows:
+        the broker sends no more. Otherwise this waits, CANCEL_TURN_SECONDS a turn of the connection, for a
+        turn that brings no task (at most `turns`: a quick producer and no prefetch limit could keep them
+        coming). What pika still reads while basic_cancel waits for the broker's answer, it rejects itself:
+        only what the broker sends in that last moment. An auto-ack consumer's deliveries that came
+        meanwhile are returned to us instead (ours alone, they run): it cancels at once."""
         if not self.cancelling:
             return  # done already
         if self.consuming and self.channel.is_open and self.channel.consumer_tags:
-            if turns and received != self.received:  # a turn that brought tasks, or the first: one more
-                self.channel.connection.call_later(0, functools.partial(self.cancel, turns - 1, self.received))
+            more_may_come = not (self.args.auto_ack or self.window_full())
+            if more_may_come and turns and received != self.received:  # the first turn, or one that brought tasks
+                again = functools.partial(self.cancel, turns - 1, self.received)
+                self.channel.connection.call_later(CANCEL_TURN_SECONDS, again)
                 return
             for tag in list(self.channel.consumer_tags):
                 for method, properties, body in self.channel.basic_cancel(tag):
@@ -380,14 +385,17 @@ class Consumer:
     def give_back(self, **facts) -> None:
         """Our consumer is off: hand back the tasks that came after the stop, those not started (at a stop),
         and the failures not recorded; then settle the tasks that finished while the cancel was on its way."""
-        late, self.back_after_cancel = self.back_after_cancel, []
-        for delivery in late:  # (they came in order)
+        # One at a time, each left in its list until it is settled: close_if_idle() (after each ack) sees the
+        # rest, and if the connection dies under one, channel_gone() finds the others.
+        while self.back_after_cancel:
+            delivery = self.back_after_cancel[0]  # (in the order they came)
             self.settle(delivery, self.decide(delivery, Outcome.NOT_STARTED, **facts), None)
+            self.back_after_cancel.remove(delivery)
         if self.worker.shutdown.asked:
             self.give_back_waiting(**facts)
         self.give_back_held(**facts)
-        done, self.done_before_cancel = self.done_before_cancel, []
-        for delivery, result in done:
+        while self.done_before_cancel:
+            delivery, result = self.done_before_cancel.pop(0)
             self.on_task_done(delivery, result)
 
     def give_back_waiting(self, **facts) -> None:
@@ -513,6 +521,11 @@ class Consumer:
 
     def running(self) -> int:
         return sum(1 for delivery in self.in_hand if delivery.state is TaskState.RUNNING)
+
+    def window_full(self) -> bool:
+        """We hold as many unsettled tasks as our prefetch allows: the broker sends us no more until one is settled."""
+        unsettled = len(self.in_hand) + len(self.held) + len(self.back_after_cancel) + len(self.done_before_cancel)
+        return bool(self.prefetch) and unsettled >= self.prefetch
 
     def oldest_unacked(self) -> Delivery | None:
         """The task held unacked longest, running or a failure held: the first a consumer timeout takes back."""

@@ -156,24 +156,42 @@ def test_tasks_a_warm_shutdown_handed_back_run_and_are_not_dead_lettered(env, qu
     assert dead_letters(broker, queue) == []
 
 
-def test_a_warm_shutdown_hands_back_the_tasks_pika_had_read_itself(env, queue, start, broker):
-    """Tasks the broker had sent when the stop came, read by pika in one go and not yet handed to the worker's
-    callback: the worker hands each back itself (a nack, in its output), and pika rejects none behind its back
-    (4.3 counts a reject toward the delivery limit and the crash-loop guard, not a nack)."""
+@pytest.mark.parametrize("padding", [0, 300_000], ids=["small", "300KB"])  # pika reads 100 KB a turn at most
+def test_a_warm_shutdown_hands_back_the_tasks_pika_had_read_itself(env, queue, start, broker, padding):
+    """Tasks the broker had sent when the stop came, waiting in the worker's socket or read by pika and not yet
+    handed to the worker's callback: the worker hands each back itself (a nack, in its output), and pika rejects
+    none behind its back (4.3 counts a reject toward the delivery limit and the crash-loop guard, not a nack)."""
     worker = start_worker(start, queue, "--prefetch", "5")
-    worker.signal(signal.SIGSTOP)  # it reads nothing: the five deliveries wait in its socket, to be read at once
-    publish(env, queue, *(f"task{n}." for n in range(1, 6)))
+    worker.signal(signal.SIGSTOP)  # it reads nothing: the five deliveries wait in its socket
+    sent = [f"task{n}.{' ' * padding}" for n in range(1, 6)]
+    publish(env, queue, *sent)
     wait_for_counts(broker, queue, 0, 5)  # all five sent to it
     worker.signal(signal.SIGTERM)  # held until it runs again: it stops as it reads the five
     worker.signal(signal.SIGCONT)
     assert worker.wait() == 0
-    assert sorted(re.findall(r"Handed back '(task\d\.)' untouched", worker.output)) == [
-        f"task{n}." for n in range(1, 6)
-    ], worker.output
+    assert sorted(re.findall(r"Handed back '(task\d)\.", worker.output)) == [f"task{n}" for n in range(1, 6)], (
+        worker.output
+    )
     left = get_all(broker, queue)
-    assert sorted(body for body, _ in left) == [f"task{n}.".encode() for n in range(1, 6)]
+    assert sorted(body for body, _ in left) == [task.encode() for task in sent]
     if rabbitmq_version(broker) >= (4, 3):  # nacks only: none counted
         assert [headers.get("x-delivery-count", 0) for _, headers in left] == [0] * 5, left
+
+
+def test_tasks_that_end_as_a_warm_shutdown_lands_are_all_acked(env, queue, start, broker):
+    """Two tasks end as the stop arrives (the worker, paused past their end, sees both at once): both are acked
+    once the consumer is cancelled, and neither goes back to the queue."""
+    publish(env, queue, "a.", "b.")
+    worker = start_worker(start, queue, "--concurrency", "2", "--dot-seconds", "1")
+    wait_until(lambda: worker.count(r"Received '[ab]\.'") == 2, 30, "both tasks running", details=lambda: worker.output)
+    worker.signal(signal.SIGSTOP)
+    time.sleep(1.5)  # past both tasks' second of work: they end as soon as it runs again
+    worker.signal(signal.SIGTERM)
+    worker.signal(signal.SIGCONT)
+    assert worker.wait() == 0
+    assert sorted(done_tasks(worker)) == ["a.", "b."], worker.output
+    assert "Could not ack" not in worker.output
+    wait_for_counts(broker, queue, 0, 0)
 
 
 def test_tasks_left_over_at_max_tasks_run_and_are_not_dead_lettered(env, queue, start, broker):
