@@ -925,7 +925,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES
         + "\n"
         + workqueue.EXIT_CODES_HELP
-        + "  130/143  second Ctrl+C / SIGTERM: cold shutdown\n\n"
+        + "  worker.py: a first Ctrl+C or SIGTERM is a warm shutdown (0 once the running tasks end);\n"
+        + "  130/143  a second one: cold shutdown\n\n"
         + "kill -USR1 PID prints every thread's stack (is a task stuck?); the worker goes on.\n",
         formatter_class=workqueue.HelpFormatter,
     )

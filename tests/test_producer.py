@@ -168,6 +168,14 @@ def test_a_password_with_a_raw_comma_is_refused_without_showing_any_of_it():
     assert "Xw9" not in str(refused.value) and "Zq" not in str(refused.value)
 
 
+@pytest.mark.parametrize("url", ["guest:Secret@localhost", "localhost:5672"])
+def test_a_url_without_a_scheme_is_refused_as_one_without_showing_it(url, monkeypatch):
+    monkeypatch.setenv("AMQP_URL", url)
+    with pytest.raises(workqueue.UsageError, match=r"^not an AMQP URL \(expected amqp://") as refused:
+        workqueue.connection_parameters(workqueue.broker_urls(None)[0])
+    assert "Secret" not in str(refused.value)
+
+
 def test_a_long_bulk_send_keeps_the_order_and_gives_every_task_its_id(queue, broker):
     count = 5000
     with Producer(broker.url, queue, timeout=60) as producer:

@@ -277,6 +277,8 @@ def split_urls(text: str, where_from: str) -> list[str]:
     """The comma-separated URLs of a cluster; a part that is no URL is refused, and none of it echoed (a
     password with a raw comma in it would be cut in two, and half of it shown)."""
     urls = [u.strip() for u in text.split(",") if u.strip()]
+    if len(urls) == 1:
+        return urls  # one URL: connection_parameters() checks it, and says what an AMQP URL looks like
     if any(not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url) for url in urls):
         raise UsageError(
             f"{where_from} holds something that is not a URL after a comma (commas separate the URLs of a cluster); "
@@ -293,8 +295,10 @@ def connection_parameters(url: str) -> pika.URLParameters:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
+        # Without "://" redact() cannot tell a password from a host: then the URL is not shown at all.
+        shown = f": {redact(url)}" if "://" in url else ""
         raise UsageError(
-            f"not an AMQP URL: {redact(url)} (expected amqp:// or amqps://, then user, password, host, port, vhost)"
+            f"not an AMQP URL{shown} (expected amqp:// or amqps://, then user, password, host, port, vhost)"
         )
     password = password_of(url)
     if any(c in password for c in "/#?@"):
