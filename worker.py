@@ -169,8 +169,6 @@ class Consumer:
             if not is_consumer_timeout(error):
                 raise
             return self.closed_by_consumer_timeout(error)
-        if self.cancelling:  # the broker cancelled us first
-            self.cancel()
         self.consuming = False
         if self.cancelled_by_broker:
             return self.cancelled()
@@ -208,7 +206,8 @@ class Consumer:
     def on_task_done(self, delivery: Delivery, result: Result) -> None:
         """The tutorial's callback, second half: the task's run ended (or never began): decide, and settle."""
         self.in_hand.discard(delivery)  # first: a stop acted on now counts the tasks still running
-        self.worker.stop()  # before an ack: the broker would send the next task at once
+        if self.consuming:  # (not after the cancel: give_back() calls us, and a stop there would call it again)
+            self.worker.stop()  # before an ack: the broker would send the next task at once
         if self.cancelling:  # its ack now would let the broker send us one more task before the cancel
             self.done_before_cancel.append((delivery, result))
             return
@@ -429,7 +428,10 @@ class Consumer:
         """The broker cancelled our consumer. The channel stays open for the running tasks' acks; its tasks not
         started go back now, and it is closed once it holds none."""
         why, taken_back = self.why_cancelled()
-        running = self.took_back(taken_back)
+        running = self.took_back(taken_back)  # first: a task that finished as our own cancel waited is not acked now
+        if self.cancelling:  # a stop's cancel was on its way, and the broker's came first: finish the stop's work
+            self.cancelling = False
+            self.give_back()
         self.give_back_waiting()
         self.close_if_idle()
         LOGGER.warning("%s%s", why, lost_acks(1 if running else 0))
@@ -528,8 +530,10 @@ class Consumer:
         return bool(self.prefetch) and unsettled >= self.prefetch
 
     def oldest_unacked(self) -> Delivery | None:
-        """The task held unacked longest, running or a failure held: the first a consumer timeout takes back."""
-        unacked = [d for d in self.in_hand if d.state is TaskState.RUNNING] + list(self.held)
+        """The task held unacked longest, running, a failure held, or finished as a stop's cancel waited: the first
+        a consumer timeout takes back."""
+        finished = [delivery for delivery, _ in self.done_before_cancel]
+        unacked = [d for d in self.in_hand if d.state is TaskState.RUNNING] + list(self.held) + finished
         return min(unacked, key=lambda delivery: delivery.received, default=None)
 
     def close_if_idle(self) -> None:

@@ -168,7 +168,10 @@ def test_a_password_with_a_raw_comma_is_refused_without_showing_any_of_it():
     assert "Xw9" not in str(refused.value) and "Zq" not in str(refused.value)
 
 
-@pytest.mark.parametrize("url", ["guest:Secret@localhost", "localhost:5672"])
+@pytest.mark.parametrize(
+    "url",
+    ["guest:Secret@localhost", "localhost:5672", "amqp:guest:Secret@h", "amqp:/guest:Secret@h", "amqp:///u:Secret@h"],
+)
 def test_a_url_without_a_scheme_is_refused_as_one_without_showing_it(url, monkeypatch):
     monkeypatch.setenv("AMQP_URL", url)
     with pytest.raises(workqueue.UsageError, match=r"^not an AMQP URL \(expected amqp://") as refused:

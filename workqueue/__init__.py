@@ -294,9 +294,11 @@ def connection_parameters(url: str) -> pika.URLParameters:
     AMQP_CA_FILE, else from the system's trust store.
     """
     parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps"):
-        # Without "://" redact() cannot tell a password from a host: then the URL is not shown at all.
-        shown = f": {redact(url)}" if "://" in url else ""
+    with_slashes = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url)
+    if parts.scheme not in ("amqp", "amqps") or not with_slashes or "@" in parts.path:
+        # Without "scheme://", or with an "@" after the host, redact() cannot tell a password from a host or a
+        # vhost: then the URL is not shown at all.
+        shown = f": {redact(url)}" if with_slashes and "@" not in parts.path else ""
         raise UsageError(
             f"not an AMQP URL{shown} (expected amqp:// or amqps://, then user, password, host, port, vhost)"
         )
