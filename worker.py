@@ -116,9 +116,9 @@ class Consumer:
     Dramatiq one per reconnect): when the channel dies, the Consumer is dropped with all it held, and a
     delivery is only ever acked on the channel it came on, by its own Consumer. settle() is the one
     place a delivery is acked, nacked, rejected, or published again, carrying out policy.decide()'s
-    decision. Our consumer is cancelled once pika has handed to on_message what it read (cancel()), so
-    that those deliveries go back through settle() too; pika rejects, itself, only what the broker sends
-    in the moment before it sees the cancel.
+    decision. Our consumer is cancelled once the tasks the broker sent have reached on_message (cancel()),
+    so that those go back through settle() too; pika rejects, itself, only what it has not handed over
+    when the cancel goes out.
 
     Main thread only, like the Worker.
     """
@@ -360,13 +360,13 @@ class Consumer:
         self.give_back()
 
     def cancel(self, turns: int = 0, received: int | None = None) -> None:
-        """Cancel our consumer once the broker has no more tasks on their way to it; then hand back what
-        waited for the cancel. That is certain when we hold as many unsettled tasks as our prefetch allows:
-        the broker sends no more. Otherwise this waits, CANCEL_TURN_SECONDS a turn of the connection, for a
-        turn that brings no task (at most `turns`: a quick producer and no prefetch limit could keep them
-        coming). What pika still reads while basic_cancel waits for the broker's answer, it rejects itself:
-        only what the broker sends in that last moment. An auto-ack consumer's deliveries that came
-        meanwhile are returned to us instead (ours alone, they run): it cancels at once."""
+        """Cancel our consumer once no more tasks are on their way to it; then hand back what waited for the
+        cancel. That is certain when we hold as many unsettled tasks as our prefetch allows: the broker sends
+        no more. Otherwise this waits, CANCEL_TURN_SECONDS a turn of the connection, for a turn that brings no
+        task (at most `turns`: a quick producer and no prefetch limit could keep them coming). What pika has
+        not handed to on_message when the cancel goes out (a task still arriving, one read in this very turn,
+        what the broker sends before it sees the cancel) it rejects itself. An auto-ack consumer's deliveries
+        that came meanwhile are returned to us instead (ours alone, they run): it cancels at once."""
         if not self.cancelling:
             return  # done already
         if self.consuming and self.channel.is_open and self.channel.consumer_tags:
