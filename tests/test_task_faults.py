@@ -161,7 +161,9 @@ def test_a_warm_shutdown_hands_back_the_tasks_pika_had_read_itself(env, queue, s
     """Tasks the broker had sent when the stop came, waiting in the worker's socket or read by pika and not yet
     handed to the worker's callback: the worker hands each back itself (a nack, in its output), and pika rejects
     none behind its back (4.3 counts a reject toward the delivery limit and the crash-loop guard, not a nack)."""
-    worker = start_worker(start, queue, "--prefetch", "5")
+    # Paused, it answers no heartbeat: on the test node's 2 s it would be cut off while the machine is busy.
+    patient = {**env, "AMQP_URL": f"{broker.url}?heartbeat=60"}
+    worker = start_worker(start, queue, "--prefetch", "5", env=patient)
     worker.signal(signal.SIGSTOP)  # it reads nothing: the five deliveries wait in its socket
     sent = [f"task{n}.{' ' * padding}" for n in range(1, 6)]
     publish(env, queue, *sent)
@@ -182,7 +184,8 @@ def test_tasks_that_end_as_a_warm_shutdown_lands_are_all_acked(env, queue, start
     """Two tasks end as the stop arrives (the worker, paused past their end, sees both at once): both are acked
     once the consumer is cancelled, and neither goes back to the queue."""
     publish(env, queue, "a.", "b.")
-    worker = start_worker(start, queue, "--concurrency", "2", "--dot-seconds", "1")
+    patient = {**env, "AMQP_URL": f"{broker.url}?heartbeat=60"}  # paused, it answers no heartbeat
+    worker = start_worker(start, queue, "--concurrency", "2", "--dot-seconds", "1", env=patient)
     wait_until(lambda: worker.count(r"Received '[ab]\.'") == 2, 30, "both tasks running", details=lambda: worker.output)
     worker.signal(signal.SIGSTOP)
     time.sleep(1.5)  # past both tasks' second of work: they end as soon as it runs again

@@ -295,10 +295,9 @@ def connection_parameters(url: str) -> pika.URLParameters:
     """
     parts = urlsplit(url)
     with_slashes = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url)
-    if parts.scheme not in ("amqp", "amqps") or not with_slashes or "@" in parts.path:
-        # Without "scheme://", or with an "@" after the host, redact() cannot tell a password from a host or a
-        # vhost: then the URL is not shown at all.
-        shown = f": {redact(url)}" if with_slashes and "@" not in parts.path else ""
+    if parts.scheme not in ("amqp", "amqps") or not with_slashes:
+        # Without "scheme://" redact() cannot tell a password from a host: then the URL is not shown at all.
+        shown = f": {redact(url)}" if with_slashes else ""
         raise UsageError(
             f"not an AMQP URL{shown} (expected amqp:// or amqps://, then user, password, host, port, vhost)"
         )
@@ -308,6 +307,8 @@ def connection_parameters(url: str) -> pika.URLParameters:
             f"bad URL {redact(url)}: a '/', '#', '?' or '@' comes before its last '@'; if the password holds "
             "one, percent-encode it: write / as %2F, # as %23, ? as %3F and @ as %40"
         )
+    if "@" in parts.path:  # amqp:///user:password@host: no host, and the rest taken for a vhost; not shown
+        raise UsageError("bad URL: an '@' after the host (expected amqp://user:password@host:port/vhost)")
     try:
         parameters = pika.URLParameters(url)
     except Exception as error:
