@@ -64,8 +64,8 @@ LOGGER = logging.getLogger("worker")
 
 QUICK_TASK_SECONDS = 0.005  # how long on_message waits for a lone task before going back to the connection
 STEADY_SECONDS = 10.0  # a connection that lived this long resets the reconnect backoff
-CANCEL_TURN_SECONDS = 0.005  # a stop's cancel waits for a turn of the connection this long that brings no task,
-CANCEL_TURNS = 20  # for at most this many turns (see Consumer.cancel)
+CANCEL_TURN_SECONDS = 0.05  # a stop's cancel waits for a turn of the connection this long that brings no task
+CANCEL_TURNS = 20  # (at most this many turns: see Consumer.cancel); long enough for a busy machine
 
 EXAMPLES = """\
 examples:

@@ -156,7 +156,7 @@ def test_tasks_a_warm_shutdown_handed_back_run_and_are_not_dead_lettered(env, qu
     assert dead_letters(broker, queue) == []
 
 
-@pytest.mark.parametrize("padding", [0, 300_000], ids=["small", "300KB"])  # pika reads 100 KB a turn at most
+@pytest.mark.parametrize("padding", [0, 150_000], ids=["small", "150KB"])  # pika reads 100 KB a poll at most
 def test_a_warm_shutdown_hands_back_the_tasks_pika_had_read_itself(env, queue, start, broker, padding):
     """Tasks the broker had sent when the stop came, waiting in the worker's socket or read by pika and not yet
     handed to the worker's callback: the worker hands each back itself (a nack, in its output), and pika rejects
