@@ -156,14 +156,18 @@ def test_tasks_a_warm_shutdown_handed_back_run_and_are_not_dead_lettered(env, qu
     assert dead_letters(broker, queue) == []
 
 
+def patient(env: dict, broker) -> dict:
+    """For a worker the test pauses (SIGSTOP): it answers no heartbeat, and on the test node's 2 s it would be cut
+    off while the machine is busy."""
+    return {**env, "AMQP_URL": f"{broker.url}?heartbeat=60"}
+
+
 @pytest.mark.parametrize("padding", [0, 150_000], ids=["small", "150KB"])  # pika reads 100 KB a poll at most
 def test_a_warm_shutdown_hands_back_the_tasks_pika_had_read_itself(env, queue, start, broker, padding):
     """Tasks the broker had sent when the stop came, waiting in the worker's socket or read by pika and not yet
     handed to the worker's callback: the worker hands each back itself (a nack, in its output), and pika rejects
     none behind its back (4.3 counts a reject toward the delivery limit and the crash-loop guard, not a nack)."""
-    # Paused, it answers no heartbeat: on the test node's 2 s it would be cut off while the machine is busy.
-    patient = {**env, "AMQP_URL": f"{broker.url}?heartbeat=60"}
-    worker = start_worker(start, queue, "--prefetch", "5", env=patient)
+    worker = start_worker(start, queue, "--prefetch", "5", env=patient(env, broker))
     worker.signal(signal.SIGSTOP)  # it reads nothing: the five deliveries wait in its socket
     sent = [f"task{n}.{' ' * padding}" for n in range(1, 6)]
     publish(env, queue, *sent)
@@ -184,8 +188,7 @@ def test_tasks_that_end_as_a_warm_shutdown_lands_are_all_acked(env, queue, start
     """Two tasks end as the stop arrives (the worker, paused past their end, sees both at once): both are acked
     once the consumer is cancelled, and neither goes back to the queue."""
     publish(env, queue, "a.", "b.")
-    patient = {**env, "AMQP_URL": f"{broker.url}?heartbeat=60"}  # paused, it answers no heartbeat
-    worker = start_worker(start, queue, "--concurrency", "2", "--dot-seconds", "1", env=patient)
+    worker = start_worker(start, queue, "--concurrency", "2", "--dot-seconds", "1", env=patient(env, broker))
     wait_until(lambda: worker.count(r"Received '[ab]\.'") == 2, 30, "both tasks running", details=lambda: worker.output)
     worker.signal(signal.SIGSTOP)
     time.sleep(1.5)  # past both tasks' second of work: they end as soon as it runs again

@@ -273,13 +273,16 @@ def broker_urls(cli_urls: list[str] | None) -> list[str]:
     return split_urls(os.environ.get("AMQP_URL", ""), "AMQP_URL") or [DEFAULT_URL]
 
 
+URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # "scheme://": where a URL's parts can be told apart
+
+
 def split_urls(text: str, where_from: str) -> list[str]:
     """The comma-separated URLs of a cluster; a part that is no URL is refused, and none of it echoed (a
     password with a raw comma in it would be cut in two, and half of it shown)."""
     urls = [u.strip() for u in text.split(",") if u.strip()]
     if len(urls) == 1:
         return urls  # one URL: connection_parameters() checks it, and says what an AMQP URL looks like
-    if any(not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url) for url in urls):
+    if any(not URL_START.match(url) for url in urls):
         raise UsageError(
             f"{where_from} holds something that is not a URL after a comma (commas separate the URLs of a cluster); "
             "if a password holds a comma, write it as %2C"
@@ -294,7 +297,7 @@ def connection_parameters(url: str) -> pika.URLParameters:
     AMQP_CA_FILE, else from the system's trust store.
     """
     parts = urlsplit(url)
-    with_slashes = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url)
+    with_slashes = URL_START.match(url)
     if parts.scheme not in ("amqp", "amqps") or not with_slashes:
         # Without "scheme://" redact() cannot tell a password from a host: then the URL is not shown at all.
         shown = f": {redact(url)}" if with_slashes else ""
